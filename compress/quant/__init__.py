@@ -1,0 +1,1 @@
+"""Quantization: quantizers, data-free PTQ, UDFC and QAT (see the quantization issues)."""

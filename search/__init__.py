@@ -1,0 +1,1 @@
+"""search: training-free architecture search and distillation (see the search issue)."""

@@ -1,0 +1,140 @@
+"""``report.md`` and ``report.png`` for a run: one row per stage, accuracy vs latency per model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimline.io import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from slimline.runner import RunResult, StageRecord
+
+COLUMNS = ("stage", "uses", "status", "time (s)", "params", "non-zero", "accuracy",
+           "agreement", "ONNX size", "latency (ms)")
+
+
+def write_report(result: RunResult) -> tuple[Path, Path]:
+    """Write both files atomically into the run directory and return their paths."""
+    from slimline.runner import versions
+
+    points = model_points(result.records)
+    plot_path = plot_accuracy_latency(points, result.run_dir / "report.png")
+    lines = [f"# {result.recipe.name}", "",
+             f"Recipe: `{result.recipe.source}` · seed {result.recipe.seed}", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_row(record)) + " |" for record in result.records]
+    lines += ["", "Accuracy is top-1 on the eval stage's split; agreement is the share of samples "
+              "whose top-1 class matches the parent model's; latency is the onnxruntime median at "
+              "the first profiled batch size.", ""]
+    if points:
+        lines += ["## Models", "", "| model (stage) | accuracy | latency (ms) | ONNX size |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p['model']} | {_pct(p.get('accuracy'))} | {_num(p.get('latency_ms'))} | "
+                  f"{_size(p.get('onnx_bytes'))} |" for p in points]
+        lines.append("")
+    lines += [f"![accuracy vs latency]({plot_path.name})", "", "## Details", ""]
+    for record in result.records:
+        details = _details(record)
+        if details:
+            lines += [f"### {record.id}", "", *details, ""]
+    lines += ["## Versions", ""]
+    lines += [f"- {name}: {value}" for name, value in versions().items()]
+    report_path = write_text(result.run_dir / "report.md", "\n".join(lines) + "\n")
+    return report_path, plot_path
+
+
+def model_points(records: list[StageRecord]) -> list[dict[str, Any]]:
+    """Join eval and profile metrics per model (the stage output whose weights they measured)."""
+    by_model: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.model_id is None or not record.metrics:
+            continue
+        point = by_model.setdefault(record.model_id, {"model": record.model_id})
+        metrics = record.metrics
+        if record.uses == "eval" and metrics.get("split") == "test":
+            point["accuracy"] = metrics["accuracy"]
+        if "median_ms" in metrics:
+            point["latency_ms"] = metrics["median_ms"]
+        if "onnx_bytes" in metrics:
+            point["onnx_bytes"] = metrics["onnx_bytes"]
+        point["nonzero_parameters"] = metrics.get("nonzero_parameters")
+    return [p for p in by_model.values() if "accuracy" in p or "latency_ms" in p]
+
+
+def plot_accuracy_latency(points: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    complete = [p for p in points if "accuracy" in p and "latency_ms" in p]
+    for point in complete:
+        axes.scatter(point["latency_ms"], 100 * point["accuracy"], s=40)
+        axes.annotate(point["model"], (point["latency_ms"], 100 * point["accuracy"]),
+                      textcoords="offset points", xytext=(5, 5), fontsize=8)
+    if not complete:
+        axes.text(0.5, 0.5, "no model has both an eval and a latency profile",
+                  ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel("latency, median (ms)")
+    axes.set_ylabel("top-1 accuracy (%)")
+    axes.set_title("accuracy vs latency per model")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return path
+
+
+def _row(record: StageRecord) -> list[str]:
+    m = record.metrics
+    return [f"`{record.id}`", f"`{record.uses}`", record.status,
+            f"{record.seconds:.1f}" if record.status == "ran" else "–",
+            _int(m.get("parameters")), _int(m.get("nonzero_parameters")),
+            _pct(m.get("accuracy", m.get("val_accuracy"))), _pct(m.get("agreement")),
+            _size(m.get("onnx_bytes")), _num(m.get("median_ms"))]
+
+
+def _details(record: StageRecord) -> list[str]:
+    m = record.metrics
+    out = []
+    if "accuracy_delta" in m:
+        out.append(f"- accuracy {_pct(m['accuracy'])} vs reference `{m['reference']}` "
+                   f"{_pct(m['reference_accuracy'])}; logit MSE {m['logit_mse']:.4g}, "
+                   f"top-1 agreement {_pct(m['agreement'])}")
+    if "layer_sparsity" in m:
+        out.append(f"- sparsity {_pct(m['sparsity'])} (target {_pct(m['target_sparsity'])}); "
+                   "per layer: " + ", ".join(f"`{k}` {_pct(v)}"
+                                             for k, v in m["layer_sparsity"].items()))
+    if "max_abs_diff" in m:
+        out.append(f"- parity vs PyTorch: max |diff| {m['max_abs_diff']:.3g}, top-1 agreement "
+                   f"{_pct(m['top1_agreement'])} on {m['parity_samples']} samples; "
+                   f"ops: " + ", ".join(f"{k}×{v}" for k, v in sorted(m["op_counts"].items())))
+    if "by_batch" in m:
+        out.append("- latency by batch size: " + "; ".join(
+            f"bs {bs}: median {v['median_ms']:.3f} ms, p90 {v['p90_ms']:.3f}, "
+            f"p99 {v['p99_ms']:.3f}" for bs, v in m["by_batch"].items()))
+    if "epochs" in m:
+        out.append("- val accuracy by epoch: " + ", ".join(
+            f"{e['val_accuracy']:.3f}" for e in m["epochs"]))
+    return out
+
+
+def _int(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "–"
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "–"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    return f"{value / 1024:.1f} KiB" if value < 1024**2 else f"{value / 1024**2:.2f} MiB"

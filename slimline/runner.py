@@ -1,0 +1,323 @@
+"""Run a plan: each stage once, cached by content hash, resumable after any kill.
+
+Layout of a run directory::
+
+    run.json                     plan, keys, per-stage status and timings, versions
+    report.md, report.png        written at the end of every run
+    stages/<id>-<key12>/         one finished stage output (see slimline.artifact)
+
+A stage writes into ``stages/.tmp-<id>-<key12>-<pid>/`` and that directory is renamed into place
+only after the artifact is complete, so a run killed mid-stage (SIGINT or SIGKILL) leaves every
+finished stage intact and the next run resumes from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import inspect
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimline import __version__
+from slimline.artifact import (
+    Artifact,
+    build_model_from_spec,
+    count_parameters,
+    load_tensor_file,
+    load_weights,
+    state_dict_from_checkpoint,
+)
+from slimline.dag import Plan, PlannedStage, build_plan, stage_keys
+from slimline.data import Dataset, load_dataset
+from slimline.io import canonical_json, read_json, sha256_file, sha256_text, write_json
+from slimline.recipe import Recipe, load_recipe
+from slimline.stage import StageContext, StageFailed, seed_everything
+
+log = logging.getLogger("slimline")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (not writable, or locked by another run)."""
+
+
+@dataclass
+class StageRecord:
+    id: str
+    uses: str
+    key: str
+    directory: Path
+    status: str  # "ran" | "cached" | "skipped" | "pending"
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model_id: str | None = None
+    parent_model_id: str | None = None
+
+
+@dataclass
+class RunResult:
+    recipe: Recipe
+    run_dir: Path
+    records: list[StageRecord]
+    report_path: Path | None = None
+    plot_path: Path | None = None
+
+    def record(self, stage_id: str) -> StageRecord:
+        return next(r for r in self.records if r.id == stage_id)
+
+    def artifact(self, stage_id: str) -> Artifact:
+        """Load a finished stage's output (model included)."""
+        return Artifact.load(self.record(stage_id).directory)
+
+    @property
+    def ran(self) -> list[str]:
+        return [r.id for r in self.records if r.status == "ran"]
+
+
+def run(recipe: str | Path | dict | Recipe, *, run_dir: str | Path | None = None,
+        force: tuple[str, ...] | list[str] = (), until: str | None = None,
+        dry_run: bool = False, progress: bool = True) -> RunResult:
+    """Run a recipe (file, dict or parsed) and return what each stage did.
+
+    ``force``: stage ids to recompute (with everything downstream of them); ``"all"`` for all.
+    ``until``: run only this stage and what it depends on. ``dry_run``: plan and report cache
+    status without running anything.
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    plan = build_plan(recipe)
+    selected = plan.ancestors(_known(plan, until)) if until else {s.id for s in plan.stages}
+    forced: set[str] = set()
+    for stage_id in force:
+        forced |= ({s.id for s in plan.stages} if stage_id == "all"
+                   else plan.descendants(_known(plan, stage_id)))
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / recipe.name
+    dataset = _load_data(recipe)
+    source = _source_artifact(recipe, dataset)
+    source_key = sha256_text(canonical_json({
+        "model": source.model_spec, "checkpoint": source.state.get("checkpoint_sha256"),
+        "data": recipe.data, "data_sha256": dataset.fingerprint(), "seed": recipe.seed}))
+    keys = stage_keys(plan, source_key, __version__)
+    records = [StageRecord(s.id, s.spec.uses, keys[s.id],
+                           run_dir / "stages" / f"{s.id}-{keys[s.id][:12]}", "pending")
+               for s in plan.stages]
+    for record in records:
+        if record.id not in selected:
+            record.status = "skipped"
+        elif (record.directory / "artifact.json").exists() and record.id not in forced:
+            record.status = "cached"
+    result = RunResult(recipe, run_dir, records)
+    if dry_run:
+        return result
+    with _locked_run_dir(run_dir):
+        _execute(plan, result, source, dataset, forced, progress)
+    return result
+
+
+def _known(plan: Plan, stage_id: str) -> str:
+    plan.get(stage_id)  # raises with the list of stages
+    return stage_id
+
+
+def _load_data(recipe: Recipe) -> Dataset:
+    spec = recipe.data
+    try:
+        return load_dataset(spec.get("name"), factory=spec.get("factory"), **spec["with"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise recipe.error(f"cannot load dataset: {exc}", "data") from None
+
+
+def _source_artifact(recipe: Recipe, dataset: Dataset) -> Artifact:
+    """The model the first stage starts from: built from the zoo or a factory, maybe loaded."""
+    spec = {k: v for k, v in recipe.model.items() if k in ("name", "factory", "with")}
+    spec["with"] = dict(spec.get("with") or {})
+    if "name" in spec:
+        from slimline.models import MODELS
+
+        try:
+            builder = MODELS.get(spec["name"])
+        except KeyError as exc:
+            raise recipe.error(str(exc), "model.name") from None
+        accepted = inspect.signature(builder).parameters
+        # Fill the shape arguments from the dataset unless the recipe pins them.
+        for name, value in (("num_classes", dataset.num_classes),
+                            ("in_channels", dataset.in_channels),
+                            ("input_size", list(dataset.input_size))):
+            if name in accepted:
+                spec["with"].setdefault(name, value)
+    try:
+        model = build_model_from_spec(spec)
+    except (TypeError, ValueError) as exc:
+        raise recipe.error(f"cannot build the model: {exc}", "model") from None
+    state: dict[str, Any] = {}
+    checkpoint = recipe.model.get("checkpoint")
+    if checkpoint:
+        payload = load_tensor_file(checkpoint)
+        load_weights(model, state_dict_from_checkpoint(payload, checkpoint), source=checkpoint)
+        state["checkpoint_sha256"] = sha256_file(checkpoint)
+    return Artifact(model=model, model_spec=spec, input_shape=dataset.input_shape, state=state,
+                    model_id="source")
+
+
+@contextlib.contextmanager
+def _locked_run_dir(run_dir: Path) -> Iterator[None]:
+    try:
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "w")  # noqa: SIM115 (held for the whole run)
+    except OSError as exc:
+        raise RunDirError(f"run directory {run_dir} is not writable: {exc.strerror or exc}. "
+                          "Choose another with --run-dir.") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise RunDirError(f"another slimline run is using {run_dir}; wait for it or choose "
+                          "another --run-dir") from None
+    try:
+        # Leftovers of runs killed mid-stage: never complete, safe to drop under the lock.
+        for stale in (run_dir / "stages").glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _execute(plan: Plan, result: RunResult, source: Artifact, dataset: Dataset,
+             forced: set[str], progress: bool) -> None:
+    from slimline.report import write_report
+
+    records = {r.id: r for r in result.records}
+    loaded: dict[str, Artifact] = {"source": source}
+
+    def artifact_of(stage_id: str) -> Artifact:
+        if stage_id not in loaded:
+            loaded[stage_id] = Artifact.load(records[stage_id].directory)
+        return loaded[stage_id]
+
+    active = [r for r in result.records if r.status != "skipped"]
+    _write_run_json(result)
+    for stage in plan.stages:
+        record = records[stage.id]
+        if record.status == "skipped":
+            continue
+        counter = f"[{active.index(record) + 1}/{len(active)}]"
+        if record.status == "cached":
+            meta = read_json(record.directory / "artifact.json")
+            record.metrics, record.model_id = meta["metrics"], meta["model_id"]
+            record.parent_model_id = meta["parent_model_id"]
+            log.info("%s %s (%s): cached", counter, stage.id, stage.spec.uses)
+            continue
+        log.info("%s %s (%s): running", counter, stage.id, stage.spec.uses)
+        inputs = [artifact_of(dep) for dep in stage.spec.needs] or [source]
+        work_dir = record.directory.parent / f".tmp-{record.directory.name}-{os.getpid()}"
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+        context = StageContext(
+            stage_id=stage.id, uses=stage.spec.uses, work_dir=work_dir,
+            seed=int(sha256_text(f"{plan.recipe.seed}:{stage.id}")[:8], 16),
+            data_loader=lambda: dataset,
+            references={name: artifact_of(target) for name, target in stage.refs.items()},
+            lookup=lambda stage_id: loaded["source"] if stage_id == "source"
+            else artifact_of(stage_id),
+            show_progress=progress)
+        started = time.perf_counter()
+        try:
+            seed_everything(context.seed)
+            output = _call_stage(stage, context, inputs)
+            _finish_artifact(output, inputs[0], stage.id, stage.spec.uses)
+            output.save(work_dir)
+            if record.directory.exists():  # --force: replace the old output
+                shutil.rmtree(record.directory)
+            os.replace(work_dir, record.directory)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        output.files = {name: record.directory / Path(path).name
+                        for name, path in output.files.items()}
+        loaded[stage.id] = output
+        record.status, record.seconds = "ran", time.perf_counter() - started
+        record.metrics = output.metrics
+        record.model_id, record.parent_model_id = output.model_id, output.parent_model_id
+        _write_run_json(result)
+        log.info("%s %s: done in %.1fs%s", counter, stage.id, record.seconds,
+                 _headline(output.metrics))
+    _write_run_json(result)
+    result.report_path, result.plot_path = write_report(result)
+
+
+def _call_stage(stage: PlannedStage, context: StageContext, inputs: list[Artifact]) -> Artifact:
+    try:
+        output = stage.definition.function(context, inputs, stage.params)
+    except (StageFailed, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if os.environ.get("SLIMLINE_DEBUG"):
+            raise
+        # Known error types from our own libraries carry user-facing messages already.
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        where = _innermost_frame(exc)
+        raise StageFailed(f"stage {stage.id!r} ({stage.spec.uses}) failed: "
+                          f"{type(exc).__name__}: {message}{where}. "
+                          "Set SLIMLINE_DEBUG=1 for the full traceback.") from exc
+    if not isinstance(output, Artifact):
+        raise StageFailed(f"stage {stage.id!r} ({stage.spec.uses}) returned "
+                          f"{type(output).__name__}, not an Artifact")
+    return output
+
+
+def _innermost_frame(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/slimline/" in f.filename or "/compress/" in f.filename
+            or "/export/" in f.filename or "/search/" in f.filename]
+    if not ours:
+        return ""
+    frame = ours[-1]
+    return f" (at {Path(frame.filename).name}:{frame.lineno})"
+
+
+def _finish_artifact(output: Artifact, first_input: Artifact, stage_id: str, uses: str) -> None:
+    """Lineage and the metrics every stage output carries."""
+    if output.model is not first_input.model:  # the stage made a new model: it is the parent now
+        output.model_id, output.parent_model_id = stage_id, first_input.model_id
+    total, nonzero = count_parameters(output.model)
+    output.metrics.setdefault("parameters", total)
+    output.metrics.setdefault("nonzero_parameters", nonzero)
+    output.history.append({"stage": stage_id, "uses": uses, "metrics": output.metrics})
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    shown = []
+    for key in ("accuracy", "val_accuracy", "sparsity", "max_abs_diff", "median_ms"):
+        if isinstance(metrics.get(key), (int, float)):
+            shown.append(f"{key}={metrics[key]:.4g}")
+    return f" ({', '.join(shown)})" if shown else ""
+
+
+def versions() -> dict[str, str]:
+    found = {"slimline": __version__, "python": sys.version.split()[0],
+             "platform": platform.platform()}
+    for module in ("torch", "numpy", "onnx", "onnxruntime", "optuna", "numba"):
+        with contextlib.suppress(Exception):
+            found[module] = __import__(module).__version__
+    return found
+
+
+def _write_run_json(result: RunResult) -> None:
+    write_json(result.run_dir / "run.json", {
+        "recipe": result.recipe.name,
+        "source": result.recipe.source,
+        "seed": result.recipe.seed,
+        "versions": versions(),
+        "stages": [{"id": r.id, "uses": r.uses, "key": r.key, "status": r.status,
+                    "seconds": round(r.seconds, 3), "directory": r.directory.name,
+                    "model_id": r.model_id, "parent_model_id": r.parent_model_id,
+                    "metrics": r.metrics} for r in result.records],
+    })
