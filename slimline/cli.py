@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     datasets = commands.add_parser("datasets", help="list datasets")
     datasets.set_defaults(handler=_cmd_datasets)
 
-    from export.latency import add_profile_arguments
+    from export.profile_cli import add_profile_arguments
 
     profile = commands.add_parser("profile", help="time ONNX models with onnxruntime")
     add_profile_arguments(profile)
@@ -169,7 +169,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from export.latency import run_profile_command
+    from export.profile_cli import run_profile_command
 
     return run_profile_command(args)
 

@@ -55,7 +55,7 @@ def model_points(records: list[StageRecord]) -> list[dict[str, Any]]:
         if record.uses == "eval" and metrics.get("split") == "test":
             point["accuracy"] = metrics["accuracy"]
         if "median_ms" in metrics:
-            point["latency_ms"] = metrics["median_ms"]
+            point["latency_ms"], point["p90_ms"] = metrics["median_ms"], metrics["p90_ms"]
         if "onnx_bytes" in metrics:
             point["onnx_bytes"] = metrics["onnx_bytes"]
         point["nonzero_parameters"] = metrics.get("nonzero_parameters")
@@ -71,9 +71,15 @@ def plot_accuracy_latency(points: list[dict[str, Any]], path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
     complete = [p for p in points if "accuracy" in p and "latency_ms" in p]
     for point in complete:
-        axes.scatter(point["latency_ms"], 100 * point["accuracy"], s=40)
-        axes.annotate(point["model"], (point["latency_ms"], 100 * point["accuracy"]),
-                      textcoords="offset points", xytext=(5, 5), fontsize=8)
+        x, y = point["latency_ms"], 100 * point["accuracy"]
+        # The bar reaches the p90 latency: a point alone hides how noisy the timing was.
+        spread = max(point.get("p90_ms", x) - x, 0.0)
+        axes.errorbar(x, y, xerr=[[0.0], [spread]], fmt="o", capsize=3, markersize=6)
+        axes.annotate(point["model"], (x, y), textcoords="offset points", xytext=(5, 5),
+                      fontsize=8)
+    if complete:
+        axes.set_xlim(left=0)  # latency ratios read honestly only from zero
+        axes.set_ylim(top=min(100.5, axes.get_ylim()[1]))
     if not complete:
         axes.text(0.5, 0.5, "no model has both an eval and a latency profile",
                   ha="center", va="center", transform=axes.transAxes)
@@ -110,8 +116,10 @@ def _details(record: StageRecord) -> list[str]:
                                              for k, v in m["layer_sparsity"].items()))
     if "max_abs_diff" in m:
         out.append(f"- parity vs PyTorch: max |diff| {m['max_abs_diff']:.3g}, top-1 agreement "
-                   f"{_pct(m['top1_agreement'])} on {m['parity_samples']} samples; "
-                   f"ops: " + ", ".join(f"{k}×{v}" for k, v in sorted(m["op_counts"].items())))
+                   f"{_pct(m['top1_agreement'])} on {m['parity_samples']} samples")
+        out.append(f"- ONNX: {_size(m['onnx_bytes'])}, {_int(m['onnx_parameters'])} parameters, "
+                   f"weight sparsity in the initializers {_pct(m['onnx_sparsity'])}; ops: "
+                   + ", ".join(f"{k}×{v}" for k, v in sorted(m["op_counts"].items())))
     if "by_batch" in m:
         out.append("- latency by batch size: " + "; ".join(
             f"bs {bs}: median {v['median_ms']:.3f} ms, p90 {v['p90_ms']:.3f}, "

@@ -21,3 +21,26 @@ def tiny_net(num_classes: int = 10, hidden: int = 16) -> nn.Module:
 
 def not_a_module():
     return 42
+
+
+class _Inverse(nn.Module):
+    def forward(self, x):
+        return torch.linalg.inv(x)
+
+
+class NoOnnxOp(nn.Module):
+    """A model with an op (matrix inverse) that no ONNX exporter converts."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.proj = nn.Linear(64, 16)
+        self.inverse = _Inverse()
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = self.proj(x.flatten(1)).view(-1, 4, 4) + 4 * torch.eye(4)
+        return self.head(self.inverse(h).flatten(1))
+
+
+def no_onnx_op(num_classes: int = 10) -> nn.Module:
+    return NoOnnxOp(num_classes)

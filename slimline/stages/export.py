@@ -31,8 +31,7 @@ class ExportParams:
 @register_stage("export.onnx", ExportParams)
 def export_onnx_stage(ctx: StageContext, inputs: list[Artifact], p: ExportParams) -> Artifact:
     """Export fp32 ONNX (opset >= 17, dynamic batch) and enforce onnxruntime parity."""
-    from export.graph import graph_summary
-    from export.onnx_export import ExportError, check_parity, export_onnx
+    from export import ExportError, check_parity, export_onnx, graph_summary
 
     out = inputs[0].derive()
     path = ctx.work_dir / p.filename

@@ -13,8 +13,8 @@ from slimline.stage import StageContext, register_stage
 @dataclass
 class ProfileParams:
     batch_sizes: list[int] = param([1, 32], help="batch sizes to time")
-    runs: int = param(50, help="timed runs per batch size")
-    warmup: int = param(10, help="untimed runs first")
+    runs: int = param(200, help="timed runs per batch size")
+    warmup: int = param(20, help="untimed runs first")
     threads: int = param(1, help="onnxruntime intra-op threads (fixed for comparable numbers)")
     inter_op_threads: int = param(1, help="onnxruntime inter-op threads")
     providers: list[str] = param(["CPUExecutionProvider"], help="execution providers, in order")

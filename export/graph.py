@@ -1,0 +1,304 @@
+"""Static summary of an ONNX file: size, parameters, sparsity, op mix and I/O signature.
+
+Deliberately torch-free (onnx + numpy only) so that inspecting an exported model works in a
+deployment environment that has only onnxruntime installed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+__all__ = [
+    "GraphSummary",
+    "OnnxFileError",
+    "TensorInfo",
+    "atomic_write_bytes",
+    "graph_summary",
+    "load_model",
+    "random_inputs",
+]
+
+# Initializer types whose zeros we count as pruned weights. Integer (quantized) tensors are left
+# out because their "zero" is the zero-point, not 0, so counting literal zeros would be wrong.
+_FLOAT_TYPES = frozenset(
+    {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    }
+)
+
+
+_RANDOM_DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "bool"})
+
+
+class OnnxFileError(ValueError):
+    """The file exists but is not a loadable ONNX model (a text file, a ``.pt`` checkpoint, ...)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One graph input or output.
+
+    ``shape`` holds an int for a fixed dimension, the dimension's name (e.g. ``"batch"``) for a
+    named dynamic dimension, and ``None`` for an unnamed dynamic one.
+    """
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    """What is inside an ONNX file; see :func:`graph_summary` for how each number is counted."""
+
+    path: str
+    file_bytes: int
+    opset: int
+    ir_version: int
+    producer: str
+    parameter_count: int
+    parameter_bytes: int
+    nonzero_parameters: int
+    weight_count: int
+    weight_zeros: int
+    sparsity: float
+    op_counts: dict[str, int]
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_nodes(self) -> int:
+        return sum(self.op_counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        data = asdict(self)
+        data["inputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.inputs]
+        data["outputs"] = [asdict(t) | {"shape": list(t.shape)} for t in self.outputs]
+        return data
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model, raising :class:`OnnxFileError` when the file is not one.
+
+    The bytes are always parsed as binary protobuf: ``onnx.load`` guesses the format from the
+    file extension, which turns a mislabelled ``.json``/``.txt`` into a confusing parser error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(path.read_bytes())
+    except Exception as exc:  # protobuf raises DecodeError, but older versions differ
+        raise OnnxFileError(f"{path} is not an ONNX model (protobuf parsing failed)") from exc
+    # Protobuf happily parses an empty (or lucky) byte string into an empty message, so check
+    # that the fields every real model has are present.
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise OnnxFileError(f"{path} is not an ONNX model (no graph / IR version / opset found)")
+    if any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except OSError as exc:
+            raise OnnxFileError(f"{path}: external weight data could not be read: {exc}") from exc
+    return model
+
+
+def graph_summary(path: str | os.PathLike) -> GraphSummary:
+    """Summarise the ONNX model at ``path``.
+
+    Counting rules:
+
+    * ``parameter_count`` / ``parameter_bytes`` / ``nonzero_parameters``: every initializer of the
+      main graph, including small shape constants the exporter folds in (e.g. ReduceMean axes).
+    * ``weight_count`` / ``weight_zeros`` / ``sparsity``: only floating-point initializers of
+      rank >= 2, i.e. conv/linear/embedding weight tensors. Biases, norm statistics and shape
+      constants are excluded because pruning never zeroes them and including them would dilute
+      the number; quantized integer weights are excluded because their zero is the zero-point.
+      ``sparsity`` is ``weight_zeros / weight_count`` (0.0 for a model without such weights).
+    * ``op_counts``: nodes per op type, including nodes inside control-flow subgraphs (If/Loop);
+      ops outside the default ONNX domain are keyed ``"domain.OpType"``.
+    * ``opset``: the version of the default ONNX domain.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        OnnxFileError: the file is not a valid ONNX model.
+    """
+    path = Path(path)
+    model = load_model(path)
+    graph = model.graph
+
+    parameter_count = parameter_bytes = nonzero = weight_count = weight_zeros = 0
+    for init in graph.initializer:
+        array = numpy_helper.to_array(init)
+        parameter_count += array.size
+        parameter_bytes += array.nbytes
+        nonzeros = int(np.count_nonzero(array))
+        nonzero += nonzeros
+        if init.data_type in _FLOAT_TYPES and array.ndim >= 2:
+            weight_count += array.size
+            weight_zeros += array.size - nonzeros
+
+    initializer_names = {init.name for init in graph.initializer}
+    return GraphSummary(
+        path=str(path),
+        file_bytes=path.stat().st_size,
+        opset=_default_opset(model),
+        ir_version=model.ir_version,
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        parameter_count=parameter_count,
+        parameter_bytes=parameter_bytes,
+        nonzero_parameters=nonzero,
+        weight_count=weight_count,
+        weight_zeros=weight_zeros,
+        sparsity=weight_zeros / weight_count if weight_count else 0.0,
+        op_counts=dict(sorted(_count_ops(graph).items())),
+        # Old exporters list initializers as graph inputs too; they are not real inputs.
+        inputs=tuple(_tensor_info(v) for v in graph.input if v.name not in initializer_names),
+        outputs=tuple(_tensor_info(v) for v in graph.output),
+        metadata={p.key: p.value for p in model.metadata_props},
+    )
+
+
+def random_inputs(
+    inputs: Sequence[TensorInfo],
+    batch_size: int,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """Random feeds for ``inputs`` (e.g. ``graph_summary(p).inputs``) at ``batch_size``.
+
+    A dynamic dimension 0 becomes ``batch_size``; any other dynamic dimension is read from
+    ``input_shapes`` (a full shape per input name; its dimension 0 is ignored when dynamic).
+    Floats are standard normal; integers are 0/1 so they are valid indices into any embedding.
+
+    Raises:
+        ValueError: a shape cannot be determined, contradicts the model, or has an unsupported
+            dtype; the message names the input and dimension.
+    """
+    input_shapes = dict(input_shapes or {})
+    rng = rng if rng is not None else np.random.default_rng(0)
+    unknown = set(input_shapes) - {info.name for info in inputs}
+    if unknown:
+        known = [info.name for info in inputs]
+        raise ValueError(f"input_shapes names {sorted(unknown)} are not model inputs {known}")
+    feeds = {}
+    for info in inputs:
+        shape = _concrete_shape(info, batch_size, input_shapes.get(info.name))
+        if info.dtype not in _RANDOM_DTYPES:
+            supported = ", ".join(sorted(_RANDOM_DTYPES))
+            raise ValueError(f"input {info.name!r} has dtype {info.dtype} (supported: {supported})")
+        if info.dtype.startswith("float"):
+            feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
+        else:
+            feeds[info.name] = rng.integers(0, 2, size=shape).astype(info.dtype)
+    return feeds
+
+
+def _concrete_shape(info: TensorInfo, batch_size: int, given: Sequence[int] | None) -> list[int]:
+    name, dims = info.name, info.shape
+    if given is not None and len(given) != len(dims):
+        raise ValueError(f"input_shapes[{name!r}] has {len(given)} dims, the input has {len(dims)}")
+    shape = []
+    for axis, dim in enumerate(dims):
+        if isinstance(dim, int) and dim > 0:  # fixed by the model
+            if axis == 0 and dim != batch_size:
+                raise ValueError(
+                    f"input {name!r} has a fixed batch dimension of {dim}, so batch size "
+                    f"{batch_size} cannot be used; re-export with a dynamic batch dimension"
+                )
+            if axis > 0 and given is not None and given[axis] != dim:
+                raise ValueError(
+                    f"input_shapes[{name!r}] sets dim {axis} to {given[axis]}, "
+                    f"but the model fixes it to {dim}"
+                )
+            shape.append(dim)
+        elif axis == 0:
+            shape.append(batch_size)
+        elif given is not None and given[axis] > 0:
+            shape.append(int(given[axis]))
+        else:
+            label = f" ({dim!r})" if isinstance(dim, str) else ""
+            raise ValueError(
+                f"input {name!r} dim {axis}{label} is dynamic; give its size with "
+                f"input_shapes={{{name!r}: [...]}} (CLI: --input-shape {name}=...)"
+            )
+    return shape
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    The temp file lives in the target folder because ``os.replace`` is only atomic within one
+    filesystem. (Kept here rather than reusing ``slimline.io``: importing ``slimline`` pulls in
+    torch, and this package must stay importable without it.)
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # so a crash right after replace cannot leave it empty
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 0
+
+
+def _count_ops(graph: onnx.GraphProto) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for node in graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] += 1
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                counts += _count_ops(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    counts += _count_ops(sub)
+    return counts
+
+
+def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    tensor_type = value.type.tensor_type
+    dtype = "unknown"
+    if tensor_type.elem_type:
+        try:
+            dtype = str(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except (KeyError, ValueError, TypeError):  # e.g. float8 types numpy has no name for
+            dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
+    shape: list[int | str | None] = []
+    if tensor_type.HasField("shape"):
+        for dim in tensor_type.shape.dim:
+            if dim.HasField("dim_value"):
+                shape.append(dim.dim_value)
+            elif dim.HasField("dim_param"):
+                shape.append(dim.dim_param)
+            else:
+                shape.append(None)
+    return TensorInfo(name=value.name, shape=tuple(shape), dtype=dtype)

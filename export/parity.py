@@ -1,0 +1,123 @@
+"""Parity between an exported ONNX model (run by onnxruntime) and the PyTorch model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .onnx_export import _eval_mode
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """ONNX Runtime vs torch on the same inputs.
+
+    ``max_rel_diff`` is ``max_abs_diff`` divided by ``max |torch output|`` (a scale-free number
+    that stays meaningful when single outputs are near zero). ``passed`` uses the same scale:
+    ``max_abs_diff <= atol + rtol * max |torch output|``. ``top1_agreement`` is the fraction of
+    rows (all axes but the last) whose argmax over the last axis agrees.
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float
+    passed: bool
+    atol: float
+    rtol: float
+    num_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"parity {verdict}: max |diff| {self.max_abs_diff:.3g}, max rel diff "
+            f"{self.max_rel_diff:.3g} (atol {self.atol:g}, rtol {self.rtol:g}), top-1 agreement "
+            f"{self.top1_agreement:.2%} over {self.num_samples} samples"
+        )
+
+
+class ParityError(RuntimeError):
+    """The ONNX model's outputs differ from torch's beyond tolerance."""
+
+    def __init__(self, message: str, result: ParityResult | None = None):
+        super().__init__(message)
+        self.result = result
+
+
+def check_parity(
+    model: nn.Module,
+    onnx_path: str | os.PathLike,
+    inputs: torch.Tensor,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> ParityResult:
+    """Run ``inputs`` through ONNX Runtime (CPU) and through ``model`` (eval, no_grad); compare.
+
+    Only the first output of each is compared. A shape mismatch raises :class:`ParityError`
+    (there are no numbers to compare); NaNs in either output make ``passed`` False.
+    """
+    import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only; ORT's warnings are not actionable here
+    session = ort.InferenceSession(
+        str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    feed = {session.get_inputs()[0].name: inputs.detach().cpu().numpy()}
+    got = np.asarray(session.run(None, feed)[0], dtype=np.float64)
+    with _eval_mode(model), torch.no_grad():
+        expected = _first_tensor(model(inputs)).detach().cpu().double().numpy()
+    if got.shape != expected.shape:
+        raise ParityError(
+            f"ONNX output shape {got.shape} differs from torch output shape {expected.shape}"
+        )
+
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    max_abs = float(np.max(np.abs(got - expected))) if expected.size else 0.0
+    rows_got = got.reshape(-1, got.shape[-1] if got.ndim >= 2 else 1)
+    rows_exp = expected.reshape(rows_got.shape)
+    top1 = float(np.mean(rows_got.argmax(axis=-1) == rows_exp.argmax(axis=-1))) if got.size else 1.0
+    return ParityResult(
+        max_abs_diff=max_abs,
+        max_rel_diff=max_abs / scale if scale > 0 else max_abs,
+        top1_agreement=top1,
+        # Written so that NaN fails: every comparison with NaN is False.
+        passed=bool(max_abs <= atol + rtol * scale),
+        atol=atol,
+        rtol=rtol,
+        num_samples=int(inputs.shape[0]) if inputs.ndim else 1,
+    )
+
+
+def assert_parity(
+    model: nn.Module,
+    onnx_path: str | os.PathLike,
+    inputs: torch.Tensor,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> ParityResult:
+    """:func:`check_parity`, raising :class:`ParityError` (with the numbers) when it fails."""
+    result = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol)
+    if not result.passed:
+        raise ParityError(f"{onnx_path}: ONNX output differs from torch: {result}", result)
+    return result
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return _first_tensor(output[0])
+    if isinstance(output, dict) and output:
+        return _first_tensor(next(iter(output.values())))
+    raise TypeError(f"model output has no tensor to compare: {type(output).__name__}")
+
