@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from slimline.io import atomic_path, read_json, write_json
 from slimline.registry import import_object
+from slimline.structure import apply_structure, structure_diff
 
 FORMAT_VERSION = 1
 
@@ -73,6 +74,7 @@ class Artifact:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        self.model_spec = record_structure(self.model_spec, self.model)
         state_dict = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         with atomic_path(directory / "weights.pt") as tmp:
             torch.save({"state_dict": state_dict, "masks": self.masks}, tmp)
@@ -119,7 +121,24 @@ class Artifact:
 
 
 def build_model_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild an architecture from ``{"name": zoo name | "factory": "pkg.mod:fn", "with": {}}``."""
+    """Rebuild an architecture from ``{"name": zoo name | "factory": "pkg.mod:fn", "with": {}}``
+    plus any recorded structural changes (``"structure"``, see :mod:`slimline.structure`)."""
+    model = _build_base(spec)
+    if spec.get("structure"):
+        apply_structure(model, spec["structure"])
+    return model
+
+
+def record_structure(spec: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``spec`` with ``"structure"`` set to how ``model`` differs from a fresh build."""
+    diff = structure_diff(_build_base(spec), model)
+    updated = {k: v for k, v in spec.items() if k != "structure"}
+    if diff:
+        updated["structure"] = diff
+    return updated
+
+
+def _build_base(spec: dict[str, Any]) -> nn.Module:
     kwargs = dict(spec.get("with") or {})
     if "factory" in spec:
         builder = import_object(spec["factory"])

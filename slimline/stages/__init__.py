@@ -1,3 +1,10 @@
-"""Built-in stages; importing this package registers them (see slimline.stage)."""
+"""Built-in stages: every module in this package registers its stages on import.
 
-from slimline.stages import evaluate, export, profile, prune, train  # noqa: F401
+Adding a stage is adding a module here (see :mod:`slimline.stage` for the contract).
+"""
+
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
