@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +21,19 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> to
                           for i in range(0, len(inputs), batch_size)])
     finally:
         model.train(was_training)
+
+
+def predict_onnx(path: str | Path, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits of an ONNX file run by onnxruntime on CPU (what a deployment would compute)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    batches = [session.run(None, {name: inputs[i : i + batch_size].numpy()})[0]
+               for i in range(0, len(inputs), batch_size)]
+    return torch.from_numpy(np.concatenate(batches))
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ def test_export_and_profile_stages(tmp_path: Path, tiny_recipe) -> None:
         {"id": "export", "uses": "export.onnx"},
         {"id": "profile", "uses": "profile.latency",
          "with": {"batch_sizes": [1, 4], "runs": 5, "warmup": 1}},
+        {"id": "eval_onnx", "uses": "eval", "needs": ["export"], "with": {"backend": "onnx"}},
     ]
     result = slimline.run(tiny_recipe, run_dir=tmp_path, progress=False)
     export = result.record("export").metrics
@@ -33,6 +34,8 @@ def test_export_and_profile_stages(tmp_path: Path, tiny_recipe) -> None:
     assert [b["batch_size"] for b in latency["batches"]] == [1, 4]
     profile = result.record("profile").metrics
     assert 0 < profile["median_ms"] <= profile["p90_ms"] <= profile["p99_ms"]
+    on_onnx, on_torch = result.record("eval_onnx").metrics, result.record("eval").metrics
+    assert on_onnx["backend"] == "onnx" and on_onnx["accuracy"] == on_torch["accuracy"]
     report = (tmp_path / "report.md").read_text()
     assert "| `export` | `export.onnx` | ran |" in report
     assert re.search(r"\| prune \| \d+\.\d+% \| \d+\.\d+ \|", report)  # accuracy + latency joined

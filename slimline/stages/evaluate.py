@@ -8,7 +8,7 @@ from typing import Literal
 import torch.nn.functional as F
 
 from slimline.artifact import Artifact
-from slimline.evaluation import accuracy, fidelity, predict
+from slimline.evaluation import accuracy, fidelity, predict, predict_onnx
 from slimline.params import ParamError, param
 from slimline.stage import StageContext, register_stage
 
@@ -19,6 +19,8 @@ class EvalParams:
     batch_size: int = param(256, help="samples per forward pass")
     reference: str | None = param(
         None, help="stage id whose model to compare outputs with (default: the parent model)")
+    backend: Literal["torch", "onnx"] = param(
+        "torch", help="torch: the PyTorch model; onnx: the exported file, run by onnxruntime")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -30,8 +32,15 @@ def evaluate(ctx: StageContext, inputs: list[Artifact], p: EvalParams) -> Artifa
     """Top-1 accuracy and loss; logit MSE and top-1 agreement vs the parent (or `reference`)."""
     out = inputs[0].derive()
     x, y = ctx.data.split(p.split)
-    logits = predict(out.model, x, p.batch_size)
-    metrics = {"split": p.split, "accuracy": accuracy(logits, y),
+    if p.backend == "onnx":
+        onnx_path = inputs[0].files.get("onnx")
+        if onnx_path is None:
+            raise ctx.fail("backend 'onnx' needs an exported model: put an export stage in "
+                           "its 'needs'")
+        logits = predict_onnx(onnx_path, x, p.batch_size)
+    else:
+        logits = predict(out.model, x, p.batch_size)
+    metrics = {"split": p.split, "accuracy": accuracy(logits, y), "backend": p.backend,
                "loss": float(F.cross_entropy(logits, y)), "samples": len(y)}
     reference = ctx.references.get("reference") or _parent(ctx, out)
     if reference is not None:
