@@ -153,6 +153,7 @@ def _source_artifact(recipe: Recipe, dataset: Dataset) -> Artifact:
                             ("input_size", list(dataset.input_size))):
             if name in accepted:
                 spec["with"].setdefault(name, value)
+    seed_everything(recipe.seed)  # the initial weights are part of what the seed pins down
     try:
         model = build_model_from_spec(spec)
     except (TypeError, ValueError) as exc:
