@@ -20,16 +20,19 @@ from onnx import external_data_helper, numpy_helper
 
 __all__ = [
     "GraphSummary",
+    "DYNAMIC_QUANT_OPS",
     "OnnxFileError",
+    "QOPERATOR_OPS",
     "TensorInfo",
     "atomic_write_bytes",
     "graph_summary",
     "load_model",
+    "quant_format",
     "random_inputs",
 ]
 
-# Initializer types whose zeros we count as pruned weights. Integer (quantized) tensors are left
-# out because their "zero" is the zero-point, not 0, so counting literal zeros would be wrong.
+# Initializer types whose literal zeros we count as pruned weights. Integer (quantized) weights
+# are counted separately: their "zero" is the zero-point of the DequantizeLinear that reads them.
 _FLOAT_TYPES = frozenset(
     {
         onnx.TensorProto.FLOAT,
@@ -39,6 +42,30 @@ _FLOAT_TYPES = frozenset(
     }
 )
 
+
+_INT8_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8})
+# Ops of ONNX Runtime's "QOperator" int8 format (quantized kernels baked into the file), as
+# opposed to QDQ (float ops wrapped in QuantizeLinear/DequantizeLinear that the runtime fuses).
+QOPERATOR_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QLinearAdd",
+        "QLinearMul",
+        "QLinearSigmoid",
+        "QLinearLeakyRelu",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+        "QLinearConcat",
+        "QLinearSoftmax",
+        "QGemm",
+        "QAttention",
+    }
+)
+# Dynamic quantization: activations are quantized at run time, weights stored as int8.
+DYNAMIC_QUANT_OPS = frozenset(
+    {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"}
+)
 
 _RANDOM_DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "bool"})
 
@@ -79,10 +106,21 @@ class GraphSummary:
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+    # The int8 picture (all zero / "float" for a float model):
+    initializer_bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    int8_initializers: int = 0  # INT8/UINT8 initializer tensors (weights, zero points)
+    int8_bytes: int = 0
+    quantize_nodes: int = 0  # QuantizeLinear
+    dequantize_nodes: int = 0  # DequantizeLinear
+    quant_format: str = "float"  # "float" | "qdq" | "qoperator" | "dynamic"
 
     @property
     def num_nodes(self) -> int:
         return sum(self.op_counts.values())
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_format != "float"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
@@ -125,14 +163,22 @@ def graph_summary(path: str | os.PathLike) -> GraphSummary:
 
     * ``parameter_count`` / ``parameter_bytes`` / ``nonzero_parameters``: every initializer of the
       main graph, including small shape constants the exporter folds in (e.g. ReduceMean axes).
-    * ``weight_count`` / ``weight_zeros`` / ``sparsity``: only floating-point initializers of
-      rank >= 2, i.e. conv/linear/embedding weight tensors. Biases, norm statistics and shape
-      constants are excluded because pruning never zeroes them and including them would dilute
-      the number; quantized integer weights are excluded because their zero is the zero-point.
-      ``sparsity`` is ``weight_zeros / weight_count`` (0.0 for a model without such weights).
+    * ``weight_count`` / ``weight_zeros`` / ``sparsity``: floating-point initializers of
+      rank >= 2, i.e. conv/linear/embedding weight tensors, plus int8/uint8 initializers of
+      rank >= 2 read by a DequantizeLinear (QDQ weights), whose zeros are the elements equal to
+      their zero point (per tensor or per channel), so a pruned-then-quantized model keeps its
+      sparsity. Biases, norm statistics and shape constants are excluded because pruning never
+      zeroes them and including them would dilute the number. ``sparsity`` is
+      ``weight_zeros / weight_count`` (0.0 for a model without such weights).
     * ``op_counts``: nodes per op type, including nodes inside control-flow subgraphs (If/Loop);
       ops outside the default ONNX domain are keyed ``"domain.OpType"``.
     * ``opset``: the version of the default ONNX domain.
+    * int8: ``initializer_bytes_by_dtype`` (e.g. ``{"float32": ..., "int8": ...}``),
+      ``int8_initializers`` / ``int8_bytes`` (INT8 + UINT8 tensors, zero points included),
+      ``quantize_nodes`` / ``dequantize_nodes``, and ``quant_format``: ``"qoperator"`` when the
+      graph has QLinearConv-style ops (:data:`QOPERATOR_OPS`), else ``"qdq"`` when it has Q/DQ
+      nodes, ``"dynamic"`` for run-time activation quantization (:data:`DYNAMIC_QUANT_OPS`),
+      else ``"float"``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -142,17 +188,29 @@ def graph_summary(path: str | os.PathLike) -> GraphSummary:
     model = load_model(path)
     graph = model.graph
 
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    int8_zero_points = _dequantized_zero_points(graph, arrays)
     parameter_count = parameter_bytes = nonzero = weight_count = weight_zeros = 0
+    int8_initializers = int8_bytes = 0
+    bytes_by_dtype: Counter[str] = Counter()
     for init in graph.initializer:
-        array = numpy_helper.to_array(init)
+        array = arrays[init.name]
         parameter_count += array.size
         parameter_bytes += array.nbytes
+        bytes_by_dtype[str(array.dtype)] += array.nbytes
         nonzeros = int(np.count_nonzero(array))
         nonzero += nonzeros
         if init.data_type in _FLOAT_TYPES and array.ndim >= 2:
             weight_count += array.size
             weight_zeros += array.size - nonzeros
+        elif init.data_type in _INT8_TYPES:
+            int8_initializers += 1
+            int8_bytes += array.nbytes
+            if array.ndim >= 2 and init.name in int8_zero_points:
+                weight_count += array.size
+                weight_zeros += int(np.count_nonzero(array == int8_zero_points[init.name]))
 
+    op_counts = _count_ops(graph)
     initializer_names = {init.name for init in graph.initializer}
     return GraphSummary(
         path=str(path),
@@ -166,12 +224,33 @@ def graph_summary(path: str | os.PathLike) -> GraphSummary:
         weight_count=weight_count,
         weight_zeros=weight_zeros,
         sparsity=weight_zeros / weight_count if weight_count else 0.0,
-        op_counts=dict(sorted(_count_ops(graph).items())),
+        op_counts=dict(sorted(op_counts.items())),
         # Old exporters list initializers as graph inputs too; they are not real inputs.
         inputs=tuple(_tensor_info(v) for v in graph.input if v.name not in initializer_names),
         outputs=tuple(_tensor_info(v) for v in graph.output),
         metadata={p.key: p.value for p in model.metadata_props},
+        initializer_bytes_by_dtype=dict(sorted(bytes_by_dtype.items())),
+        int8_initializers=int8_initializers,
+        int8_bytes=int8_bytes,
+        quantize_nodes=op_counts.get("QuantizeLinear", 0),
+        dequantize_nodes=op_counts.get("DequantizeLinear", 0),
+        quant_format=quant_format(op_counts),
     )
+
+
+def quant_format(op_counts: Mapping[str, int]) -> str:
+    """``"qdq"``, ``"qoperator"``, ``"dynamic"`` or ``"float"`` from op counts (see
+    :func:`graph_summary`; ``"com.microsoft.QGemm"``-style keys count by their op type)."""
+    types = {key.rsplit(".", 1)[-1] for key, count in op_counts.items() if count}
+    # QOperator files also quantize the graph input and dequantize its output with Q/DQ nodes,
+    # so their QLinear* ops decide; a QDQ file has no QLinear* ops until ORT fuses it.
+    if types & QOPERATOR_OPS:
+        return "qoperator"
+    if types & {"QuantizeLinear", "DequantizeLinear"}:
+        return "qdq"
+    if types & DYNAMIC_QUANT_OPS:
+        return "dynamic"
+    return "float"
 
 
 def random_inputs(
@@ -268,6 +347,30 @@ def _default_opset(model: onnx.ModelProto) -> int:
         if entry.domain in ("", "ai.onnx"):
             return entry.version
     return 0
+
+
+def _dequantized_zero_points(
+    graph: onnx.GraphProto, arrays: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Int8 initializer name -> its zero point, broadcastable to it, for every int8 weight a
+    DequantizeLinear reads (an absent zero point is 0; per-channel ones follow ``axis``)."""
+    zero_points = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = arrays.get(node.input[0])
+        if weight is None or weight.dtype not in (np.int8, np.uint8):
+            continue
+        zero = arrays.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zero is None:
+            zero = np.zeros((), weight.dtype)
+        elif zero.ndim == 1 and zero.size > 1 and weight.ndim > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % weight.ndim
+            shape = [1] * weight.ndim
+            shape[axis] = zero.size
+            zero = zero.reshape(shape)
+        zero_points[node.input[0]] = zero
+    return zero_points
 
 
 def _count_ops(graph: onnx.GraphProto) -> Counter[str]:

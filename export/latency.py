@@ -5,9 +5,8 @@ Importable without torch (numpy + onnxruntime + stdlib only) so it runs on deplo
 
 from __future__ import annotations
 
-import functools
 import os
-import platform
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -18,12 +17,17 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .graph import OnnxFileError, TensorInfo, random_inputs
+from .compare import compare_table
+from .graph import OnnxFileError, TensorInfo, graph_summary, random_inputs
+from .int8check import Int8Warning, int8_warnings
+from .machine import machine_info
+from .opprofile import OpProfile, profile_ops
 
 __all__ = [
     "BatchLatency",
     "LatencyReport",
     "compare_table",
+    "load_error",
     "machine_info",
     "profile_onnx",
 ]
@@ -43,8 +47,6 @@ _ORT_DTYPES = {  # ONNX Runtime's type strings -> numpy names used by TensorInfo
     "tensor(int32)": "int32",
     "tensor(bool)": "bool",
 }
-# CPU features that decide int8 kernel speed; "asimddp" is Arm's dot product (SDOT/UDOT).
-_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm", "sve")
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,17 @@ class LatencyReport:
     warmup: int
     batches: tuple[BatchLatency, ...]
     machine: dict[str, Any]
+    op_profiles: tuple[OpProfile, ...] = ()  # per batch size, with ``per_op=True``
+    quant_format: str = "float"  # see export.graph.quant_format
+    # Why an int8 model may not beat fp32 here (see export.int8check); also raised as warnings.
+    diagnostics: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return Path(self.model).name
+
+    def op_profile(self, batch_size: int) -> OpProfile | None:
+        return next((p for p in self.op_profiles if p.batch_size == batch_size), None)
 
     def batch(self, batch_size: int) -> BatchLatency | None:
         return next((b for b in self.batches if b.batch_size == batch_size), None)
@@ -123,6 +132,8 @@ class LatencyReport:
         data |= {k: list(data[k]) for k in ("providers", "requested_providers")}
         data["batches"] = [b.to_dict(include_samples=include_samples) for b in self.batches]
         data["machine"] = dict(self.machine)
+        data["op_profiles"] = [p.to_dict() for p in self.op_profiles]
+        data["diagnostics"] = list(self.diagnostics)
         return data
 
     @classmethod
@@ -132,9 +143,11 @@ class LatencyReport:
             BatchLatency(**(b | {"samples_ms": tuple(b.get("samples_ms", ()))}))
             for b in data["batches"]
         )
-        tuples = {"providers", "requested_providers"}
-        values = {k: tuple(v) if k in tuples else v for k, v in data.items() if k != "batches"}
-        return cls(**values, batches=batches)
+        tuples = {"providers", "requested_providers", "diagnostics"}
+        skip = {"batches", "op_profiles"}
+        values = {k: tuple(v) if k in tuples else v for k, v in data.items() if k not in skip}
+        op_profiles = tuple(OpProfile.from_dict(p) for p in data.get("op_profiles", ()))
+        return cls(**values, batches=batches, op_profiles=op_profiles)
 
 
 def profile_onnx(
@@ -150,6 +163,9 @@ def profile_onnx(
     graph_optimization: str = "all",
     input_shapes: dict[str, list[int]] | None = None,
     seed: int = 0,
+    per_op: bool = False,
+    per_op_runs: int = 50,
+    check_int8: bool = True,
 ) -> LatencyReport:
     """Measure ONNX Runtime latency of the model at ``path`` for each batch size.
 
@@ -162,10 +178,17 @@ def profile_onnx(
     :data:`MIN_TIMED_RUNS`). ``intra_op_threads``/``inter_op_threads`` of 0 let ONNX Runtime
     choose. Unavailable providers are dropped with a warning; CPU is always the last fallback.
 
+    ``per_op`` adds a per-op-type breakdown for each batch size from onnxruntime's profiler
+    (``per_op_runs`` profiled runs in a separate session, so profiling overhead never touches
+    the latency numbers); see :mod:`export.opprofile`. For a quantized model ``check_int8``
+    looks for reasons int8 will not help (see :mod:`export.int8check`): each is raised as an
+    :class:`~export.int8check.Int8Warning` and kept in ``report.diagnostics``.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        OnnxFileError: ONNX Runtime cannot load the file.
-        ValueError: bad arguments, or an input shape that cannot be determined.
+        OnnxFileError: ONNX Runtime cannot load the file (the message names an unsupported op).
+        ValueError: bad arguments, an input shape that cannot be determined, or inputs that
+            ONNX Runtime rejects when running (the message names the shapes fed).
     """
     path = Path(path)
     _validate(batch_sizes, warmup, runs, duration_s, intra_op_threads, inter_op_threads)
@@ -175,27 +198,59 @@ def profile_onnx(
         )
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
+    if per_op and per_op_runs < 1:
+        raise ValueError(f"per_op_runs must be >= 1, got {per_op_runs}")
+    summary = graph_summary(path)  # OnnxFileError for a non-ONNX file, before ORT's own message
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
     options.graph_optimization_level = _OPT_LEVELS[graph_optimization]
     options.log_severity_level = 3  # errors only: node-placement warnings would spam the CLI
-    session = _create_session(path, options, _usable_providers(providers))
+    usable = _usable_providers(providers)
+    session = _create_session(path, options, usable)
+    machine = machine_info()
+    diagnostics: list[str] = []
+    if check_int8 and summary.is_quantized:
+        diagnostics = int8_warnings(
+            path,
+            machine=machine,
+            providers=usable,
+            graph_optimization_level=options.graph_optimization_level,
+            summary=summary,
+        )
+        for message in diagnostics:
+            warnings.warn(message, Int8Warning, stacklevel=2)
 
     rng = np.random.default_rng(seed)
     signature = [
         TensorInfo(arg.name, tuple(arg.shape), _ORT_DTYPES.get(arg.type, arg.type))
         for arg in session.get_inputs()
     ]
-    results = []
+    results, op_profiles = [], []
     for batch_size in batch_sizes:
-        feeds = random_inputs(signature, batch_size, input_shapes=input_shapes, rng=rng)
+        try:
+            feeds = random_inputs(signature, batch_size, input_shapes=input_shapes, rng=rng)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        _first_run(session, feeds, path)
         for _ in range(warmup):
             session.run(None, feeds)
         results.append(
             BatchLatency.from_samples(batch_size, _time_runs(session, feeds, runs, duration_s))
         )
+        if per_op:
+            op_profiles.append(
+                profile_ops(
+                    path,
+                    options,
+                    usable,
+                    feeds,
+                    batch_size=batch_size,
+                    warmup=min(warmup, 10),
+                    runs=per_op_runs,
+                )
+            )
 
     return LatencyReport(
         model=str(path),
@@ -207,94 +262,11 @@ def profile_onnx(
         graph_optimization=graph_optimization,
         warmup=warmup,
         batches=tuple(results),
-        machine=machine_info(),
+        machine=machine,
+        op_profiles=tuple(op_profiles),
+        quant_format=summary.quant_format,
+        diagnostics=tuple(diagnostics),
     )
-
-
-def machine_info() -> dict[str, Any]:
-    """Where a measurement was taken: CPU, core counts, int8-relevant ISA flags, versions."""
-    return dict(_machine_info())  # a copy: callers may annotate their report's dict
-
-
-@functools.lru_cache(maxsize=1)
-def _machine_info() -> dict[str, Any]:
-    cpuinfo = _read_cpuinfo()
-    cpu = next(
-        (cpuinfo[k] for k in ("model name", "Hardware", "Processor") if cpuinfo.get(k)),
-        platform.processor() or platform.machine(),
-    )
-    flags = set((cpuinfo.get("flags") or cpuinfo.get("Features") or "").split())
-    try:
-        available_cores: int | None = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        available_cores = os.cpu_count()
-    return {
-        "cpu": cpu,
-        "arch": platform.machine(),
-        "logical_cores": os.cpu_count(),
-        # What this process may use (containers, taskset); can be lower than logical_cores.
-        "available_cores": available_cores,
-        "isa_flags": [flag for flag in _ISA_FLAGS if flag in flags],
-        "onnxruntime": ort.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "os": platform.platform(),
-    }
-
-
-def _read_cpuinfo() -> dict[str, str]:
-    """First value of each key in /proc/cpuinfo (all cores report the same model and flags)."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() not in info:
-                    info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
-
-
-def compare_table(reports: Sequence[LatencyReport]) -> str:
-    """Markdown table, one row per (model, batch size).
-
-    ``vs first`` is this model's median divided by the first report's median at the same
-    batch size: 0.50x means twice as fast as the first model, "-" means the first model was
-    not measured at that batch size.
-    """
-    if not reports:
-        return ""
-    names = [r.name for r in reports]
-    if len(set(names)) < len(names):  # same file name in different folders
-        names = [r.model for r in reports]
-    baseline = {b.batch_size: b.median_ms for b in reports[0].batches}
-    header = ("model", "size", "batch", "median ms", "p90 ms", "p99 ms", "samples/s", "vs first")
-    rows = [header]
-    for name, report in zip(names, reports, strict=True):
-        size = _format_bytes(report.file_bytes)
-        for b in report.batches:
-            base = baseline.get(b.batch_size)
-            ratio = f"{b.median_ms / base:.2f}x" if base else "-"
-            times = (f"{t:.3f}" for t in (b.median_ms, b.p90_ms, b.p99_ms))
-            rows.append((name, size, str(b.batch_size), *times, f"{b.throughput:.1f}", ratio))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    # Column 0 (model) left-aligned, the numbers right-aligned: markdown's ":" on the right.
-    lines = [
-        "| "
-        + " | ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        + " |"
-        for row in rows
-    ]
-    rule = (
-        "|"
-        + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
-        + "|"
-    )
-    return "\n".join([lines[0], rule, *lines[1:]])
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -342,8 +314,50 @@ def _create_session(
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail)
+        raise load_error(path, exc, providers) from exc
+
+
+# onnxruntime's wording for "no kernel for this op" (checked against onnxruntime 1.31)
+_UNREGISTERED_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op")
+_NO_KERNEL = re.compile(
+    r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"
+)
+
+
+def load_error(path: Path, exc: BaseException, providers: Sequence[str]) -> OnnxFileError:
+    """An :class:`OnnxFileError` for a session that would not start, naming the op when the
+    cause is an op the execution provider(s) do not implement."""
+    text = str(exc).strip()
+    first_line = (text.splitlines() or [type(exc).__name__])[0]
+    where = ", ".join(providers)
+    if match := _UNREGISTERED_OP.search(text):
+        domain, op = match.groups()
+        return OnnxFileError(
+            f"{path}: op {f'{domain}.' if domain else ''}{op} is not implemented by "
+            f"onnxruntime {ort.__version__} ({where}); it is a custom op: register its "
+            "library (SessionOptions.register_custom_ops_library) or export without it"
+        )
+    if match := _NO_KERNEL.search(text):
+        op, version, node = match.groups()
+        return OnnxFileError(
+            f"{path}: node {node!r} uses op {op} (opset {version}), which {where} does not "
+            "implement for these input types; try another opset or execution provider"
+        )
+    return OnnxFileError(f"{path}: onnxruntime cannot load this model: {first_line}")
+
+
+def _first_run(session: ort.InferenceSession, feeds: dict[str, np.ndarray], path: Path) -> None:
+    """One untimed run that turns onnxruntime's run-time errors (shapes the graph rejects)
+    into a ValueError naming the shapes that were fed."""
+    try:
+        session.run(None, feeds)
+    except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise OnnxFileError(f"{path}: onnxruntime cannot load this model: {first_line}") from exc
+        shapes = ", ".join(f"{name}={list(array.shape)}" for name, array in feeds.items())
+        raise ValueError(
+            f"{path}: onnxruntime cannot run the model on inputs {shapes}: {first_line} "
+            "(check --input-shape / input_shapes)"
+        ) from exc
 
 
 def _time_runs(
@@ -364,13 +378,3 @@ def _time_runs(
                 return samples
         elif len(samples) >= MIN_TIMED_RUNS and clock() >= deadline:
             return samples
-
-
-def _format_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.2f} GiB"
-
-

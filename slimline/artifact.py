@@ -106,6 +106,10 @@ class Artifact:
         payload = load_tensor_file(directory / "weights.pt")
         model = build_model_from_spec(meta["model_spec"])
         load_weights(model, payload["state_dict"], source=str(directory / "weights.pt"))
+        if "quantization" in meta["state"]:  # fake-quant hooks are code, not saved: re-install
+            from compress.quant import attach_quantization
+
+            attach_quantization(model, meta["state"]["quantization"])
         return cls(
             model=model,
             model_spec=meta["model_spec"],

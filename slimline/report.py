@@ -36,6 +36,9 @@ def write_report(result: RunResult) -> tuple[Path, Path]:
     lines += [f"![accuracy vs latency]({plot_path.name})", "", "## Details", ""]
     for record in result.records:
         details = _details(record)
+        charts = sorted(record.directory.glob("*.png")) if record.directory.exists() else []
+        details += [f"![{record.id}: {chart.stem}]({chart.relative_to(result.run_dir)})"
+                    for chart in charts]
         if details:
             lines += [f"### {record.id}", "", *details, ""]
     lines += ["## Versions", ""]
@@ -114,6 +117,15 @@ def _details(record: StageRecord) -> list[str]:
         out.append(f"- sparsity {_pct(m['sparsity'])} (target {_pct(m['target_sparsity'])}); "
                    "per layer: " + ", ".join(f"`{k}` {_pct(v)}"
                                              for k, v in m["layer_sparsity"].items()))
+    if "distortion" in m:
+        parts = [f"output distortion {m['distortion']:.4g} (logit MSE vs the input model, "
+                 f"{m.get('distortion_data', '?')} inputs)"]
+        if isinstance(m.get("predicted_distortion"), (int, float)):
+            parts.append(f"DP-predicted sum {m['predicted_distortion']:.4g}")
+        if isinstance(m.get("additivity"), (int, float)):
+            parts.append(f"additivity r = {m['additivity']:.3f} (joint vs summed single-layer "
+                         "distortion over random allocations)")
+        out.append("- " + "; ".join(parts))
     if "max_abs_diff" in m:
         out.append(f"- parity vs PyTorch: max |diff| {m['max_abs_diff']:.3g}, top-1 agreement "
                    f"{_pct(m['top1_agreement'])} on {m['parity_samples']} samples")

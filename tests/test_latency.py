@@ -28,6 +28,8 @@ from export import (
     main_profile,
     profile_onnx,
 )
+from export.compare import CSV_COLUMNS, MixedMachinesWarning
+from export.opprofile import OpProfile, parse_ort_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -288,9 +290,14 @@ def test_latency_and_graph_import_and_run_without_torch(models):
         import export
         import export.graph
         import export.latency
+        import export.int8check, export.lut, export.opprofile, export.ort_quant, export.plot
 
-        report = export.profile_onnx(sys.argv[1], batch_sizes=(1, 2), warmup=1, runs=3)
+        report = export.profile_onnx(
+            sys.argv[1], batch_sizes=(1, 2), warmup=1, runs=3, per_op=True, per_op_runs=2
+        )
         summary = export.graph_summary(sys.argv[1])
+        assert "Gemm" in report.op_profiles[1].ops[0].op_type  # MatMul+Add+Relu -> FusedGemm
+        assert export.main_profile([sys.argv[1], "--runs", "2", "--per-op"]) == 0
         assert "torch" not in sys.modules
         try:
             export.export_onnx
@@ -312,4 +319,151 @@ def test_latency_and_graph_import_and_run_without_torch(models):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:2] == ["export_onnx is lazy", "3 1"]
+    assert result.stdout.split("\n")[-3:-1] == ["export_onnx is lazy", "3 1"]
+
+
+# --- per-op breakdown, CSV, plot, machines, int8 diagnostics, bad input ----------------------
+
+
+def conv_net(path: Path) -> Path:
+    """input[batch,8,16,16] -> 2 x (3x3 Conv, 32 channels) + Relu -> pool -> Gemm -> [batch,10]."""
+    rng = np.random.default_rng(0)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(0.1 * rng.standard_normal(shape).astype(np.float32), name)
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r1"]),
+            helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c2"], ["r2"]),
+            helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "fc"], ["logits"]),
+        ],
+        "convnet",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 8, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[init("w1", 32, 8, 3, 3), init("w2", 32, 32, 3, 3), init("fc", 32, 10)],
+    )
+    return _save(graph, path)
+
+
+def test_per_op_shares_sum_to_one_and_conv_dominates_a_conv_net(tmp_path):
+    path = conv_net(tmp_path / "conv.onnx")
+    report = profile_onnx(path, batch_sizes=(1, 4), warmup=3, runs=5, per_op=True, per_op_runs=8)
+    assert [p.batch_size for p in report.op_profiles] == [1, 4]
+    for profile in report.op_profiles:
+        assert profile.runs == 8
+        assert sum(op.share for op in profile.ops) == pytest.approx(1.0)
+        top = profile.ops[0]  # onnxruntime may run Conv+Relu as FusedConv
+        assert "Conv" in top.op_type and top.share > 0.5 and top.nodes == 2
+        assert profile.kernel_ms == pytest.approx(sum(op.ms_per_run for op in profile.ops))
+        assert 0 <= profile.overhead_share < 1
+    data = json.loads(json.dumps(report.to_dict()))
+    assert LatencyReport.from_dict(data).op_profiles == report.op_profiles
+
+
+def test_parse_ort_profile_drops_warmup_and_takes_per_run_medians():
+    def run(ts: int, dur: int) -> dict:
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def kernel(node: str, op: str, ts: int, dur: int) -> dict:
+        return {
+            "cat": "Node",
+            "name": f"{node}_kernel_time",
+            "ts": ts,
+            "dur": dur,
+            "args": {"op_name": op},
+        }
+
+    events = [run(0, 500), kernel("a", "Conv", 1, 400)]  # warm-up: slow, skipped
+    for i, conv in enumerate((30, 30, 90)):  # the 90 us run is an outlier: medians ignore it
+        start = 1000 * (i + 1)
+        events += [
+            run(start, 100),
+            kernel("a", "Conv", start + 1, conv // 3),
+            kernel("b", "Conv", start + 40, 2 * conv // 3),
+            kernel("c", "Gemm", start + 80, 10),
+        ]
+    profile = parse_ort_profile(events, batch_size=2, skip_runs=1)
+    assert profile.runs == 3 and profile.batch_size == 2 and profile.run_ms == 0.1
+    assert [(op.op_type, op.nodes) for op in profile.ops] == [("Conv", 2), ("Gemm", 1)]
+    assert profile.ops[0].ms_per_run == pytest.approx(0.030)
+    assert profile.share("Conv") == pytest.approx(0.75) and profile.share("Relu") == 0
+    assert OpProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+    with pytest.raises(ValueError, match="no model runs"):
+        parse_ort_profile(events, skip_runs=4)
+
+
+def test_cli_writes_csv_rows_png_plot_and_per_op_tables(models, tmp_path, capsys):
+    csv_path, png_path = tmp_path / "lat.csv", tmp_path / "plots" / "lat.png"
+    argv = [str(m) for m in models] + ["--batch-sizes", "1,3", "--runs", "4", "--warmup", "1"]
+    argv += ["--csv", str(csv_path), "--plot", str(png_path), "--per-op", "3", "--per-op-runs", "2"]
+    assert main_profile(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("per-op breakdown:") == 4 and "Gemm" in out  # ORT fuses MatMul+Add+Relu
+    import csv
+
+    rows = list(csv.DictReader(csv_path.open()))
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    assert [(r["model"], r["batch_size"]) for r in rows] == [
+        ("small.onnx", "1"),
+        ("small.onnx", "3"),
+        ("wide.onnx", "1"),
+        ("wide.onnx", "3"),
+    ]
+    assert rows[0]["vs_first"] == "1.0000" and all(float(r["median_ms"]) > 0 for r in rows)
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_reports_from_two_machines_are_never_mixed(models, tmp_path, capsys):
+    saved = tmp_path / "here.json"
+    assert main_profile([str(models[0]), "--runs", "3", "--output", str(saved)]) == 0
+    data = json.loads(saved.read_text())
+    data["reports"][0]["machine"] |= {"cpu": "Other CPU", "isa_flags": []}
+    other = tmp_path / "there.json"
+    other.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main_profile([str(saved), str(other), str(models[1]), "--runs", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "2 different machines" in captured.err
+    first, second = captured.out.split("machine 2:")
+    assert first.startswith("machine 1:") and "wide.onnx" in first and "1.00x" in first
+    assert "Other CPU" in second and "wide.onnx" not in second
+    reports = [LatencyReport.from_dict(r) for r in data["reports"]]
+    with pytest.warns(MixedMachinesWarning):
+        compare_table([*reports, profile_onnx(models[0], runs=2, warmup=0)])
+
+
+@pytest.mark.parametrize("case", ["unsupported-op", "input-rank", "input-dims", "qoperator-qdq"])
+def test_cli_bad_models_and_shapes_exit_2_naming_the_cause(case, models, tmp_path, capsys):
+    output = tmp_path / "out" / "report.json"
+    if case == "unsupported-op":
+        graph = helper.make_graph(
+            [helper.make_node("Frobnicate", ["input"], ["logits"], domain="com.example")],
+            "custom",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)],
+        )
+        model.ir_version = 10
+        onnx.save(model, str(tmp_path / "custom.onnx"))
+        argv, expected = [str(tmp_path / "custom.onnx")], "op com.example.Frobnicate is not"
+    elif case == "input-rank":
+        argv, expected = [str(models[0]), "--input-shape", "input=1,16,1"], "has 3 dims"
+    elif case == "input-dims":
+        argv, expected = [str(models[0]), "--input-shape", "input=1,15"], "fixes it to 16"
+    else:
+        from tests.test_ort_quant import qdq_conv
+
+        path = qdq_conv(tmp_path / "qop.onnx", qoperator=True)
+        argv, expected = [str(path), "--require-qdq"], "is not an int8 QDQ model: it is a QOp"
+    assert main_profile([*argv, "--runs", "2", "--output", str(output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimline profile: error:") and expected in err[0]
+    assert not output.parent.exists()  # no partial outputs

@@ -1,0 +1,274 @@
+"""Our int8 QDQ export vs fp32 and vs onnxruntime's own static int8 quantization.
+
+    python -m bench.bench_int8                    # all configurations
+    python -m bench.bench_int8 --configs resnet-8x8,vit-8x8
+
+For each configuration the pipeline trains the model (``train`` stage), quantizes it
+(``quant.rtn``: int8 per-channel weights, uint8 min/max activations, BN folded) and exports
+fp32 and int8 QDQ ONNX (``export.onnx``); run directories are cached under
+``bench/out/int8_runs/``, so a re-run only re-measures. Then, with onnxruntime on one thread:
+
+* latency at batch 1 and 32 (:func:`export.latency.profile_onnx`), fp32 / ours / ORT static,
+  measured in two interleaved rounds (A B C A B C), keeping each model's lower median: the
+  machine is shared and a single round mostly measures the neighbours;
+* accuracy on the test split, run by onnxruntime (fp32, ours, ORT static);
+* ORT static = :func:`export.ort_quant.ort_quantize` (QDQ, per-channel, uint8/int8, min/max)
+  on the same fp32 file with 256 calibration inputs.
+
+Configurations: the reference settings (digits 8x8: ResNet-8 width 16, ViT dim 64) where one
+inference is far below a millisecond and fixed per-op costs dominate, and larger ones (digits
+resized to 32x32, ResNet-8 width 32, ViT with 4x4 patches) where the convolutions and matmuls
+carry the time and int8 kernels can show what they are worth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import slimline
+from bench.common import OUT, markdown_table, save
+from export.latency import profile_onnx
+from export.qdq import FLOAT_KERNEL_OPS, INT8_KERNEL_OPS, ort_optimized_op_counts
+from slimline.data import load_dataset
+from slimline.runner import RunResult
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "resnet-8x8": {
+        "model": {"name": "resnet", "with": {"depth": 8, "width": 16}},
+        "data": {"name": "digits"},
+        "epochs": 15,
+    },
+    "resnet-32x32": {
+        "model": {"name": "resnet", "with": {"depth": 8, "width": 32}},
+        "data": {"name": "digits", "with": {"resize": 32}},
+        "epochs": 10,
+    },
+    "vit-8x8": {"model": {"name": "vit"}, "data": {"name": "digits"}, "epochs": 40},
+    "vit-32x32": {
+        "model": {"name": "vit", "with": {"patch_size": 4}},
+        "data": {"name": "digits", "with": {"resize": 32}},
+        "epochs": 40,
+    },
+}
+BATCHES = (1, 32)
+
+
+def pipeline(name: str, config: dict[str, Any]) -> RunResult:
+    recipe = {
+        "name": f"int8-{name}",
+        "seed": 0,
+        "model": config["model"],
+        "data": config["data"],
+        "stages": [
+            {"id": "train", "uses": "train", "with": {"epochs": config["epochs"]}},
+            {"id": "quant", "uses": "quant.rtn", "with": {"calibration_samples": 256}},
+            {"id": "export_fp32", "uses": "export.onnx", "needs": ["train"]},
+            {
+                "id": "export_int8",
+                "uses": "export.onnx",
+                "needs": ["quant"],
+                "with": {"format": "int8", "parity_samples": 256},
+            },
+        ],
+    }
+    return slimline.run(recipe, run_dir=OUT / "int8_runs" / name, progress=False)
+
+
+def ort_static(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
+    try:
+        from export.ort_quant import ort_quantize
+    except ImportError:  # before export/ort_quant.py existed: the plain onnxruntime call
+        return _quantize_static(fp32, out, calibration)
+    return ort_quantize(fp32, out, calibration=calibration, mode="static", per_channel=True)
+
+
+def _quantize_static(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(
+                [{"input": calibration[i : i + 32]} for i in range(0, len(calibration), 32)]
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    q.quantize_static(
+        str(fp32),
+        str(out),
+        Reader(),
+        quant_format=q.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=q.QuantType.QUInt8,
+        weight_type=q.QuantType.QInt8,
+    )
+    return out
+
+
+def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    logits = np.concatenate(
+        [session.run(None, {name: x[i : i + 256]})[0] for i in range(0, len(x), 256)]
+    )
+    return float((logits.argmax(1) == y).mean())
+
+
+def latency(paths: dict[str, Path], runs: int) -> dict[str, dict[int, float]]:
+    """Median ms per model and batch: the lower of two interleaved rounds."""
+    best: dict[str, dict[int, float]] = {k: {} for k in paths}
+    for _ in range(2):
+        for key, path in paths.items():
+            report = profile_onnx(
+                path,
+                batch_sizes=BATCHES,
+                warmup=20,
+                runs=runs,
+                intra_op_threads=1,
+                inter_op_threads=1,
+            )
+            for b in report.batches:
+                best[key][b.batch_size] = min(
+                    best[key].get(b.batch_size, float("inf")), b.median_ms
+                )
+    return best
+
+
+def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    result = pipeline(name, config)
+    directory = result.record("export_int8").directory
+    paths = {
+        "fp32": result.record("export_fp32").directory / "model.onnx",
+        "ours": directory / "model.onnx",
+    }
+    data = load_dataset(config["data"]["name"], **copy.deepcopy(config["data"].get("with", {})))
+    calibration = data.calibration(256).numpy()
+    paths["ort"] = ort_static(
+        paths["fp32"], OUT / "int8_runs" / name / "ort_static.onnx", calibration
+    )
+    x, y = (t.numpy() for t in data.split("test"))
+    heavy = "32x32" in name
+    times = latency(paths, runs=60 if heavy else 300)
+    kernels = {}
+    for key in ("ours", "ort"):
+        ops = ort_optimized_op_counts(paths[key])
+        kernels[key] = {
+            "int8": {k: v for k, v in ops.items() if k in INT8_KERNEL_OPS},
+            "float": {k: v for k, v in ops.items() if k in FLOAT_KERNEL_OPS},
+        }
+    export = result.record("export_int8").metrics
+    return {
+        "config": config,
+        "latency_ms": times,
+        "accuracy": {key: accuracy(path, x, y) for key, path in paths.items()},
+        "bytes": {key: path.stat().st_size for key, path in paths.items()},
+        "kernels": kernels,
+        "ours_vs_torch": {
+            "top1_agreement": export["top1_agreement"],
+            "max_abs_diff": export["max_abs_diff"],
+            "max_rel_diff": export["max_rel_diff"],
+            "samples": export["parity_samples"],
+        },
+    }
+
+
+def tables(results: dict[str, dict[str, Any]]) -> str:
+    speed_rows, accuracy_rows = [], []
+    for name, r in results.items():
+        t = r["latency_ms"]
+        for b in BATCHES:
+            fp32, ours, ort = t["fp32"][b], t["ours"][b], t["ort"][b]
+            speed_rows.append(
+                [
+                    name,
+                    b,
+                    round(fp32, 4),
+                    round(ours, 4),
+                    f"{fp32 / ours:.2f}x",
+                    round(ort, 4),
+                    f"{ours / ort:.2f}",
+                ]
+            )
+        a = r["accuracy"]
+        unfused = sum(r["kernels"]["ours"]["float"].values())
+        accuracy_rows.append(
+            [
+                name,
+                f"{100 * a['fp32']:.2f}",
+                f"{100 * a['ours']:.2f}",
+                f"{100 * (a['ours'] - a['fp32']):+.2f}",
+                f"{100 * a['ort']:.2f}",
+                f"{100 * (a['ort'] - a['fp32']):+.2f}",
+                f"{r['ours_vs_torch']['top1_agreement']:.4f}",
+                f"{r['ours_vs_torch']['max_rel_diff']:.2e}",
+                f"{r['bytes']['fp32'] // 1024} / {r['bytes']['ours'] // 1024} / "
+                f"{r['bytes']['ort'] // 1024}",
+                unfused,
+            ]
+        )
+    return "\n\n".join(
+        [
+            "## int8 QDQ latency (onnxruntime CPU, 1 thread, median ms, better of 2 interleaved "
+            "rounds; measured under load)",
+            markdown_table(
+                [
+                    "config",
+                    "batch",
+                    "fp32",
+                    "ours int8",
+                    "fp32/ours",
+                    "ORT static int8",
+                    "ours/ORT",
+                ],
+                speed_rows,
+            ),
+            "## Accuracy (test split, run by onnxruntime) and fidelity",
+            markdown_table(
+                [
+                    "config",
+                    "fp32 %",
+                    "ours %",
+                    "Δ pts",
+                    "ORT static %",
+                    "Δ pts",
+                    "ours vs torch fake-quant top-1",
+                    "max |Δlogit| / max|logit|",
+                    "KiB fp32 / ours / ORT",
+                    "float convs/matmuls left (ours)",
+                ],
+                accuracy_rows,
+            ),
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {', '.join(CONFIGS)}",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        parser.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
+    results = {name: measure(name, CONFIGS[name]) for name in names}
+    save("int8", {"results": results}, tables(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""How many units each channel group keeps: uniform, global ranking, or DP under a budget.
+
+Every allocator picks one *level* (a kept count) per group from :func:`group_levels` - multiples
+of ``round_to`` channels (plus the full width), never fewer than ``1 - max_group_ratio`` of the
+group - and returns the kept counts. Budgets are measured by a :class:`CostModel`:
+
+* ``channels``: kept channels summed over the prunable groups (a head counts ``head_dim``);
+* ``flops``: the model's FLOPs, predicted exactly from the kept counts. A conv/linear layer costs
+  ``F * r_out * r_in`` where ``r`` are the kept fractions of the groups that own its output and
+  input channels (a depthwise conv only ``F * r``), attention matmuls scale with the kept heads,
+  and everything no group touches is a constant.
+
+``dp`` minimises the summed importance of the removed units (the distortion) under the budget with
+:func:`compress.prune.dp.allocate_dp`. FLOPs are bilinear in the kept fractions of neighbouring
+groups, so the DP sees each group's cost with its neighbours held at the current solution and is
+re-solved from its own answer until that settles; the best feasible answer is kept, and a greedy
+repair (drop the level with the least distortion per FLOP saved) guarantees the budget holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from compress.prune.channel_groups import (
+    CONV_LINEAR,
+    ChannelGraph,
+    ChannelGroup,
+    StructuredPruningError,
+)
+from compress.prune.flops import FlopCount
+
+Target = Literal["channels", "flops"]
+Allocation = Literal["uniform", "global", "dp"]
+DP_GRID_STEPS = 4000  # budget resolution of the FLOPs DP (1/4000 of the budget)
+
+
+@dataclass
+class _LayerCost:
+    flops: float
+    out_total: int
+    in_total: int
+    out_parts: list[tuple[int, int]] = field(default_factory=list)  # (group index, channels)
+    in_parts: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class CostModel:
+    """Predicts channels and FLOPs of the model for any kept counts of its groups."""
+
+    sizes: list[int]
+    widths: list[int]
+    total_flops: float
+    constant: float
+    layers: list[_LayerCost]
+    head_flops: dict[int, float]
+
+    def channels(self, kept: Sequence[int]) -> int:
+        return int(sum(k * w for k, w in zip(kept, self.widths)))
+
+    def flops(self, kept: Sequence[int]) -> float:
+        fraction = [k / n for k, n in zip(kept, self.sizes)]
+        total = self.constant + sum(a * fraction[g] for g, a in self.head_flops.items())
+        for layer in self.layers:
+            total += (
+                layer.flops
+                * _kept_fraction(layer.out_total, layer.out_parts, fraction)
+                * _kept_fraction(layer.in_total, layer.in_parts, fraction)
+            )
+        return total
+
+    def group_flops(self, g: int, kept: Sequence[int], levels: np.ndarray) -> np.ndarray:
+        """FLOPs of the layers group ``g`` touches, for each of ``levels``, others at ``kept``."""
+        fraction = [k / n for k, n in zip(kept, self.sizes)]
+        f = levels / self.sizes[g]
+        result = self.head_flops.get(g, 0.0) * f
+        for layer in self.layers:
+            out_g = sum(c for h, c in layer.out_parts if h == g)
+            in_g = sum(c for h, c in layer.in_parts if h == g)
+            if not out_g and not in_g:
+                continue
+            out_rest = _kept_fraction(layer.out_total, layer.out_parts, fraction, skip=g)
+            in_rest = _kept_fraction(layer.in_total, layer.in_parts, fraction, skip=g)
+            r_out = out_rest + out_g * f / max(layer.out_total, 1)
+            r_in = in_rest + in_g * f / max(layer.in_total, 1)
+            result = result + layer.flops * r_out * r_in
+        return np.asarray(result, dtype=np.float64)
+
+
+def _kept_fraction(
+    total: int, parts: list[tuple[int, int]], fraction: list[float], skip: int | None = None
+) -> float:
+    """Kept fraction of a layer side: untouched channels + each group's kept share.
+
+    With ``skip`` the channels of group ``skip`` are left out (the caller adds them).
+    """
+    if total <= 0 or not parts:
+        return 1.0
+    touched = sum(c for _, c in parts)
+    kept = total - touched + sum(c * fraction[g] for g, c in parts if g != skip)
+    return kept / total
+
+
+def build_cost_model(graph: ChannelGraph, counted: FlopCount) -> CostModel:
+    """Map every Conv/Linear layer's FLOPs to the groups owning its output and input channels."""
+    index = {id(group): g for g, group in enumerate(graph.groups)}
+    model, names = graph.model, graph.layer_names
+    layer_costs: dict[str, _LayerCost] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CONV_LINEAR):
+            out_total, in_total = _io_channels(module)
+            layer_costs[name] = _LayerCost(
+                float(counted.per_module.get(name, 0)), out_total, in_total
+            )
+    tp_graph = graph.dependency_graph
+    for group in graph.groups:
+        g = index[id(group)]
+        for dep, idxs in group.tp_group:
+            name = (
+                names.get(dep.target.module) if isinstance(dep.target.module, nn.Module) else None
+            )
+            if name not in layer_costs:
+                continue
+            module = dep.target.module
+            depthwise = getattr(module, "groups", 1) > 1
+            if tp_graph.is_out_channel_pruning_fn(dep.handler) or depthwise:
+                # A depthwise conv's inputs are its outputs: its FLOPs are linear in the group.
+                if not any(h == g for h, _ in layer_costs[name].out_parts):
+                    layer_costs[name].out_parts.append((g, len(idxs)))
+            else:
+                layer_costs[name].in_parts.append((g, len(idxs)))
+    head_flops = {
+        index[id(group)]: float(counted.own(model, group.attention or ""))
+        for group in graph.groups
+        if group.kind == "heads"
+    }
+    touched = [c for c in layer_costs.values() if c.out_parts or c.in_parts]
+    variable = sum(c.flops for c in touched) + sum(head_flops.values())
+    return CostModel(
+        sizes=[group.size for group in graph.groups],
+        widths=[group.unit_width for group in graph.groups],
+        total_flops=float(counted.total),
+        constant=float(counted.total) - variable,
+        layers=touched,
+        head_flops=head_flops,
+    )
+
+
+def _io_channels(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.out_channels, module.in_channels
+
+
+def group_levels(group: ChannelGroup, round_to: int, max_group_ratio: float) -> np.ndarray:
+    """Allowed kept counts of a group, ascending; the last is the full size.
+
+    Channels: multiples of ``round_to`` (heads ignore it: a head is already a block of
+    ``head_dim`` channels). Never below ``ceil((1 - max_group_ratio) * size)`` nor 1 unit.
+    """
+    n = group.size
+    floor = max(1, math.ceil((1.0 - max_group_ratio) * n - 1e-9))
+    step = 1 if group.kind == "heads" else max(1, round_to)
+    levels = [k for k in range(step, n, step) if k >= floor]
+    return np.asarray([*levels, n], dtype=np.int64)
+
+
+def _snap(levels: np.ndarray, kept: float) -> int:
+    """The allowed level nearest ``kept`` (ties keep more)."""
+    distance = np.abs(levels - kept)
+    return int(levels[np.flatnonzero(distance == distance.min())[-1]])
+
+
+def uniform_kept(levels: list[np.ndarray], sizes: list[int], ratio: float) -> list[int]:
+    """Every group loses ``ratio`` of its units, snapped to its allowed levels."""
+    return [_snap(lv, n - round(ratio * n)) for lv, n in zip(levels, sizes)]
+
+
+def allocate(
+    groups: list[ChannelGroup],
+    scores: list[torch.Tensor],
+    cost: CostModel,
+    *,
+    ratio: float,
+    target: Target = "channels",
+    method: Allocation = "uniform",
+    round_to: int = 1,
+    max_group_ratio: float = 0.9,
+    distortion: np.ndarray | None = None,
+) -> list[int]:
+    """Kept units per group that remove ``ratio`` of the ``target`` quantity.
+
+    ``uniform`` with ``target="channels"`` removes ``ratio`` of every group (rounded); all other
+    combinations meet the budget ``kept <= (1 - ratio) * original`` as closely as the levels
+    allow, and raise :class:`StructuredPruningError` when no allocation can meet it.
+    ``distortion`` (``dp`` only) is a ``(groups, levels)`` table over :func:`group_levels`, e.g.
+    :func:`~compress.prune.channel_distortion.output_distortion_table`; by default the summed
+    scores of the removed units.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise StructuredPruningError(f"ratio must be in [0, 1), got {ratio}")
+    if not 0.0 < max_group_ratio < 1.0:
+        raise StructuredPruningError(f"max_group_ratio must be in (0, 1), got {max_group_ratio}")
+    levels = [group_levels(g, round_to, max_group_ratio) for g in groups]
+    sizes = [g.size for g in groups]
+    if target == "channels" and method == "uniform":
+        if ratio > max_group_ratio:
+            raise StructuredPruningError(
+                f"ratio {ratio} exceeds max_group_ratio "
+                f"{max_group_ratio}: no group may lose that much"
+            )
+        return uniform_kept(levels, sizes, ratio)
+    if target == "channels":
+        total = cost.channels(sizes)
+        budget, measure = (1.0 - ratio) * total, cost.channels
+    elif target == "flops":
+        total = cost.total_flops
+        budget, measure = (1.0 - ratio) * total, cost.flops
+    else:
+        raise StructuredPruningError(f"unknown target {target!r}; use 'channels' or 'flops'")
+    floor = measure([int(lv[0]) for lv in levels])
+    if floor > budget + 1e-6:
+        raise StructuredPruningError(
+            f"cannot remove {ratio:.1%} of the {target}: pruning every group as far as allowed "
+            f"(max_group_ratio={max_group_ratio}, round_to={round_to}) still keeps "
+            f"{floor / total:.1%}; lower ratio, raise max_group_ratio or ignore fewer layers"
+        )
+    sorted_scores = [np.sort(s.double().numpy()) for s in scores]
+    if method == "uniform":
+        return _bisect_uniform(levels, sizes, measure, budget, max_group_ratio)
+    if method == "global":
+        return _global_ranking(levels, sizes, scores, measure, budget)
+    if method == "dp":
+        if distortion is None:
+            distortion = _distortion_table(levels, sizes, sorted_scores)
+        if target == "channels":
+            return _dp_channels(levels, distortion, cost.widths, int(math.floor(budget)))
+        start = _bisect_uniform(levels, sizes, measure, budget, max_group_ratio)
+        return _dp_flops(levels, distortion, cost, budget, start)
+    raise StructuredPruningError(f"unknown allocation {method!r}; use uniform, global or dp")
+
+
+def _bisect_uniform(levels, sizes, measure, budget, max_ratio) -> list[int]:
+    """The smallest uniform ratio whose snapped allocation fits the budget."""
+    low, high = 0.0, max_ratio
+    best = uniform_kept(levels, sizes, high)
+    if measure(best) > budget:  # snapping keeps the minimum levels; use them directly
+        return [int(lv[0]) for lv in levels]
+    for _ in range(40):
+        mid = (low + high) / 2
+        kept = uniform_kept(levels, sizes, mid)
+        if measure(kept) <= budget:
+            high, best = mid, kept
+        else:
+            low = mid
+    return best
+
+
+def _global_ranking(levels, sizes, scores, measure, budget) -> list[int]:
+    """Remove the globally lowest-scoring units: the fewest that fit the budget."""
+    owner = np.concatenate([np.full(n, g) for g, n in enumerate(sizes)])
+    order = owner[np.argsort(torch.cat([s.double() for s in scores]).numpy(), kind="stable")]
+
+    def kept_after(m: int) -> list[int]:
+        removed = np.bincount(order[:m], minlength=len(sizes))
+        return [_snap(lv, max(n - r, int(lv[0]))) for lv, n, r in zip(levels, sizes, removed)]
+
+    low, high = 0, len(order)
+    while low < high:  # removing more never costs more: binary search on the count
+        mid = (low + high) // 2
+        if measure(kept_after(mid)) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    return kept_after(low)
+
+
+def _distortion_table(levels, sizes, sorted_scores) -> np.ndarray:
+    """``D[g, j]`` = summed scores of the units group g loses at level j (+inf: no such level)."""
+    width = max(len(lv) for lv in levels)
+    table = np.full((len(levels), width), np.inf)
+    for g, (lv, n, s) in enumerate(zip(levels, sizes, sorted_scores)):
+        prefix = np.concatenate([[0.0], np.cumsum(s)])
+        table[g, : len(lv)] = prefix[n - lv]
+    return table
+
+
+def _dp_channels(levels, distortion, widths, budget: int) -> list[int]:
+    from compress.prune.dp import allocate_dp
+
+    cost = np.zeros(distortion.shape, dtype=np.int64)
+    for g, (lv, w) in enumerate(zip(levels, widths)):
+        cost[g, : len(lv)] = lv * w
+    choice = allocate_dp(distortion, cost, budget)
+    return [int(lv[j]) for lv, j in zip(levels, choice)]
+
+
+def _dp_flops(
+    levels, distortion, cost: CostModel, budget: float, start: list[int], iterations: int = 8
+) -> list[int]:
+    from compress.prune.dp import allocate_dp, quantize_cost
+
+    def total_distortion(kept: list[int]) -> float:
+        return float(
+            sum(
+                distortion[g, int(np.searchsorted(lv, k))]
+                for g, (lv, k) in enumerate(zip(levels, kept))
+            )
+        )
+
+    current, best, best_d = list(start), list(start), total_distortion(start)
+    seen: set[tuple[int, ...]] = {tuple(start)}
+    for _ in range(iterations):
+        rows = np.zeros(distortion.shape)
+        for g, lv in enumerate(levels):
+            rows[g, : len(lv)] = cost.group_flops(g, current, lv.astype(np.float64))
+            rows[g, len(lv) :] = rows[g, 0]  # forbidden padding levels: any finite cost
+        now = np.array(
+            [rows[g, int(np.searchsorted(lv, k))] for g, (lv, k) in enumerate(zip(levels, current))]
+        )
+        # Linearised: flops(k) ~ flops(current) + sum_g rows[g, k_g] - now[g].
+        shift = rows.min(axis=1)
+        room = budget - cost.flops(current) + now.sum() - shift.sum()
+        if room <= 0:
+            break
+        grid, grid_budget = quantize_cost(rows - shift[:, None], room, DP_GRID_STEPS)
+        try:
+            choice = allocate_dp(distortion, grid, grid_budget)
+        except ValueError:
+            break
+        candidate = [int(lv[j]) for lv, j in zip(levels, choice)]
+        if cost.flops(candidate) <= budget:
+            d = total_distortion(candidate)
+            if d < best_d:
+                best, best_d = candidate, d
+        if tuple(candidate) in seen:
+            break
+        seen.add(tuple(candidate))
+        current = candidate
+    return _repair(best, levels, distortion, cost, budget)
+
+
+def _repair(kept, levels, distortion, cost: CostModel, budget: float) -> list[int]:
+    """Step groups down one level, least distortion per FLOP saved first, until within budget."""
+    kept = list(kept)
+    while cost.flops(kept) > budget:
+        base, best, best_rate = cost.flops(kept), None, np.inf
+        for g, lv in enumerate(levels):
+            j = int(np.searchsorted(lv, kept[g]))
+            if j == 0:
+                continue
+            trial = kept[:g] + [int(lv[j - 1])] + kept[g + 1 :]
+            saved = base - cost.flops(trial)
+            if saved > 0:
+                rate = (distortion[g, j - 1] - distortion[g, j]) / saved
+                if rate < best_rate:
+                    best, best_rate = trial, rate
+        if best is None:
+            raise StructuredPruningError("no allocation meets the FLOPs budget")
+        kept = best
+    return kept

@@ -1,0 +1,258 @@
+"""Data-free post-training quantization into the shared :class:`QuantState`.
+
+:func:`quantize_datafree` is :func:`compress.quant.rtn.quantize_rtn` without the calibration
+set: BatchNorm is folded, weights are rounded to nearest on a symmetric (or asymmetric) grid
+per channel (or per tensor), and every activation point gets its 8-bit grid from the BatchNorm
+statistics (:mod:`compress.quant.bn_statistics`: ``mean +- range_sigmas * std`` per channel,
+clipped by ReLU/ReLU6, carried through adds and pools). A calibration set may still be given
+(min/max observers, as RTN); the data-free stages never give one.
+
+DFQ's three steps (:mod:`compress.quant.dfq`) run here too when asked, in the paper's order:
+fold BN, equalize, absorb high biases, quantize weights, correct biases. UDFC
+(:mod:`compress.quant.udfc`) rescales layers before calling this with the same weight grids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.prune.layer_chains import find_layer_chains
+from compress.quant.bn_statistics import (
+    ChannelStats,
+    DataFreeRangeError,
+    bn_output_stats,
+    propagate_stats,
+)
+from compress.quant.fold import conv_bn_pairs, fold_batchnorm
+from compress.quant.placement import ActivationPlan, plan_activation_points
+from compress.quant.rtn import MinMaxObserver, bias_spec, quantizable_modules, weight_spec_rtn
+from compress.quant.spec import QuantSpec, affine_spec
+from compress.quant.state import QuantState, TensorPoint, attach_quantization
+
+__all__ = ["DataFreeRangeError", "DataFreeResult", "quantize_datafree", "weight_spec"]
+
+
+@dataclass
+class DataFreeResult:
+    """What :func:`quantize_datafree` did (the state is also attached to the model)."""
+
+    state: QuantState
+    folded: list[tuple[str, str]]
+    quantized: list[str]
+    skipped: list[str]
+    plan: ActivationPlan
+    ranges: str  # "bn statistics" or "calibration"
+    dfq: dict[str, Any] = field(default_factory=dict)
+
+
+def weight_spec(
+    weight: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True
+) -> QuantSpec:
+    """Weight grid: symmetric = :func:`~compress.quant.rtn.weight_spec_rtn` (zero point 0,
+    narrow range); asymmetric = signed affine grid over each channel's [min, max] (zero
+    included), with a per-channel zero point."""
+    if symmetric:
+        return weight_spec_rtn(weight, bits, per_channel=per_channel)
+    weight = weight.detach().float()
+    rows = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
+    low = rows.amin(1).clamp(max=0)
+    high = rows.amax(1).clamp(min=0)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = (high - low) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
+    if per_channel:
+        return QuantSpec(bits=bits, signed=True, axis=0, scale=scale, zero_point=zero_point)
+    return QuantSpec(bits=bits, signed=True, scale=scale[0], zero_point=zero_point[0])
+
+
+@torch.no_grad()
+def quantize_datafree(
+    model: nn.Module,
+    *,
+    weight_bits: int = 8,
+    per_channel: bool = True,
+    symmetric_weights: bool = True,
+    activation_bits: int = 8,
+    activation_signed: bool = False,
+    symmetric_activations: bool = False,
+    range_sigmas: float = 6.0,
+    input_std: float = 1.0,
+    calibration: torch.Tensor | None = None,
+    skip: str | None = None,
+    equalize: bool = False,
+    absorb_high_bias: bool = False,
+    correct_bias: bool = False,
+    method: str = "datafree",
+    info: dict[str, Any] | None = None,
+) -> DataFreeResult:
+    """Quantize ``model`` in place (eval mode) without data and attach the fake-quant forward.
+
+    Args:
+        weight_bits: 2-16 (the int8 exporter takes at most 8).
+        range_sigmas: activation grids cover ``mean +- range_sigmas * std`` of the BN model.
+        input_std: the model input is taken as ``N(0, input_std^2)`` per element.
+        calibration: optional model inputs; then activation ranges are observed min/max.
+        equalize, absorb_high_bias, correct_bias: DFQ's steps (see :mod:`compress.quant.dfq`).
+
+    Raises:
+        ValueError: bad bit widths or nothing to quantize.
+        DataFreeRangeError: an activation point whose range has no data-free rule (named).
+    """
+    from compress.quant import dfq
+
+    if not 2 <= weight_bits <= 16:
+        raise ValueError(f"weight_bits must be in [2, 16], got {weight_bits}")
+    if activation_bits != 8:
+        raise ValueError(f"activation_bits must be 8 (int8 kernels), got {activation_bits}")
+    if range_sigmas <= 0 or input_std <= 0:
+        raise ValueError("range_sigmas and input_std must be positive")
+    model.eval()
+    pairs = conv_bn_pairs(model)
+    stats = bn_output_stats(model, pairs, range_sigmas)
+    folded = fold_batchnorm(model)
+    stats = {layer: stats[layer] for layer, _ in folded}
+    report: dict[str, Any] = {}
+    chains = list(find_layer_chains(model).values()) if (equalize or absorb_high_bias) else []
+    if equalize:
+        report["equalized"] = dfq.equalize(model, chains, stats)
+    if absorb_high_bias:
+        report["absorbed"] = dfq.absorb_high_biases(model, chains, stats)
+
+    every = quantizable_modules(model)
+    targets = quantizable_modules(model, skip)
+    if not targets:
+        raise ValueError(
+            f"no Conv/Linear layer to quantize (skip={skip!r} matches all of "
+            f"{', '.join(every) or 'none'})"
+        )
+    plan = plan_activation_points(model, targets)
+    node_stats = propagate_stats(model, stats, sigmas=range_sigmas, input_std=input_std)
+    float_weights = {name: module.weight.detach().clone() for name, module in targets.items()}
+    weights = {
+        f"{name}.weight": weight_spec(
+            module.weight, weight_bits, per_channel=per_channel, symmetric=symmetric_weights
+        )
+        for name, module in targets.items()
+    }
+    attach_quantization(model, QuantState(weights=weights, method=method))  # bakes the weights
+    if correct_bias:
+        report["bias_corrected"] = dfq.correct_bias(model, float_weights, node_stats)
+
+    if calibration is None:
+        activations = {
+            point.key: _range_spec(
+                point, node_stats, activation_bits, activation_signed, symmetric_activations
+            )
+            for point in plan.points
+        }
+    else:
+        activations = _observed_specs(
+            model,
+            plan.points,
+            calibration,
+            activation_bits,
+            activation_signed,
+            symmetric_activations,
+        )
+    for name, module in targets.items():
+        point = plan.module_inputs.get(name)
+        if module.bias is None or point is None or point.key not in activations:
+            continue
+        weights[f"{name}.bias"] = bias_spec(
+            activations[point.key], weights[f"{name}.weight"], module.bias, name
+        )
+    ranges = "bn statistics" if calibration is None else "calibration"
+    state = QuantState(
+        weights=weights,
+        activations=activations,
+        method=method,
+        info={
+            "weight_bits": weight_bits,
+            "activation_bits": activation_bits,
+            "activation_dtype": "int8" if activation_signed else "uint8",
+            "symmetric_activations": symmetric_activations,
+            "symmetric_weights": symmetric_weights,
+            "per_channel": per_channel,
+            "weight_storage": "int8" if weight_bits <= 8 else "int16",
+            "weight_levels": 2**weight_bits - 1,
+            "activation_ranges": ranges,
+            "range_sigmas": range_sigmas,
+            "input_std": input_std,
+            "calibration_samples": 0 if calibration is None else int(len(calibration)),
+            "skip": skip,
+            "folded_batchnorm": [list(pair) for pair in folded],
+            "placement_traced": plan.traced,
+            **(info or {}),
+        },
+    )
+    attach_quantization(model, state)
+    return DataFreeResult(
+        state=state,
+        folded=folded,
+        quantized=list(targets),
+        skipped=[name for name in every if name not in targets],
+        plan=plan,
+        ranges=ranges,
+        dfq=report,
+    )
+
+
+def _range_spec(
+    point: TensorPoint,
+    node_stats: dict[str, ChannelStats | DataFreeRangeError],
+    bits: int,
+    signed: bool,
+    symmetric: bool,
+) -> QuantSpec:
+    stats = node_stats.get(point.key)
+    if isinstance(stats, DataFreeRangeError):
+        raise DataFreeRangeError(f"the {point}: {stats}") from None
+    if stats is None:
+        raise DataFreeRangeError(f"the {point} is not in the traced graph")
+    low, high = stats.range
+    return affine_spec(low, high, bits, signed=signed, symmetric=symmetric)
+
+
+def _observed_specs(
+    model: nn.Module,
+    points: list[TensorPoint],
+    calibration: torch.Tensor,
+    bits: int,
+    signed: bool,
+    symmetric: bool,
+    batch_size: int = 64,
+) -> dict[str, QuantSpec]:
+    """Min/max of each point over ``calibration`` (the model already has quantized weights)."""
+    modules = dict(model.named_modules())
+    observers = {point.key: MinMaxObserver() for point in points}
+    handles = []
+    for point in points:
+        observer = observers[point.key]
+        if point.where == "input":
+            handles.append(
+                modules[point.module].register_forward_pre_hook(
+                    lambda m, args, observer=observer: observer.observe(args[0])
+                )
+            )
+        else:
+            handles.append(
+                modules[point.module].register_forward_hook(
+                    lambda m, args, out, observer=observer: observer.observe(out)
+                )
+            )
+    try:
+        for start in range(0, len(calibration), batch_size):
+            model(calibration[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        key: observer.spec(bits, signed=signed, symmetric=symmetric)
+        for key, observer in observers.items()
+        if observer.count
+    }

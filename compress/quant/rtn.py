@@ -1,0 +1,238 @@
+"""Round-to-nearest post-training quantization with min/max activation observers (the baseline).
+
+Weights: symmetric, per output channel (or per tensor), ``scale = max|w| / qmax`` and
+round-to-nearest onto that grid. 2-8 bits; below 8 bits the weights use only the low-bit
+levels but are stored, exported and run on the int8 grid (ONNX Runtime has no int4 conv).
+Activations: 8-bit per-tensor, affine (uint8 by default, what x86 int8 kernels want) from the
+min/max seen on a calibration set. Biases of quantized layers whose input is quantized are put
+on the int32 grid ``scale_x * scale_w`` that integer kernels add them on, so the PyTorch model
+computes what the int8 runtime computes.
+
+Steps (:func:`quantize_rtn`): fold BatchNorm into convs, choose activation points
+(:mod:`compress.quant.placement`), quantize weights, calibrate activations on the model with
+quantized weights, derive bias grids, attach everything (:func:`attach_quantization`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.quant.fold import fold_batchnorm
+from compress.quant.placement import ActivationPlan, plan_activation_points
+from compress.quant.spec import QuantSpec, affine_spec, symmetric_spec
+from compress.quant.state import QuantState, TensorPoint, attach_quantization
+
+__all__ = [
+    "MinMaxObserver",
+    "RTNResult",
+    "bias_spec",
+    "quantizable_modules",
+    "quantize_rtn",
+    "weight_spec_rtn",
+]
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BIAS_BITS = 32
+
+
+def quantizable_modules(model: nn.Module, skip: str | None = None) -> dict[str, nn.Module]:
+    """Conv/Linear modules by name, minus those whose name matches the regex ``skip``."""
+    pattern = re.compile(skip) if skip else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, QUANTIZABLE) and not (pattern and pattern.search(name))
+    }
+
+
+def weight_spec_rtn(weight: torch.Tensor, bits: int, *, per_channel: bool = True) -> QuantSpec:
+    """Symmetric narrow-range grid for a conv/linear weight: per output channel (axis 0)
+    ``scale_c = max|W_c| / (2**(bits-1) - 1)``, or one scale for the tensor. Zero point 0, so
+    pruned zeros stay exactly zero."""
+    weight = weight.detach()
+    if per_channel:
+        max_abs = weight.abs().reshape(weight.shape[0], -1).amax(dim=1)
+        return symmetric_spec(max_abs, bits, axis=0)
+    return symmetric_spec(weight.abs().max(), bits)
+
+
+class MinMaxObserver:
+    """Running minimum and maximum of every tensor it is shown (per tensor)."""
+
+    def __init__(self) -> None:
+        self.minimum, self.maximum = float("inf"), float("-inf")
+        self.count = 0
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        self.minimum = min(self.minimum, float(x.min()))
+        self.maximum = max(self.maximum, float(x.max()))
+        self.count += 1
+
+    def spec(self, bits: int, *, signed: bool, symmetric: bool) -> QuantSpec:
+        """The grid covering the observed range (see :func:`affine_spec`)."""
+        return affine_spec(self.minimum, self.maximum, bits, signed=signed, symmetric=symmetric)
+
+
+@dataclass
+class RTNResult:
+    """What :func:`quantize_rtn` did (the state is also attached to the model)."""
+
+    state: QuantState
+    folded: list[tuple[str, str]]
+    quantized: list[str]
+    skipped: list[str]
+    plan: ActivationPlan
+    unobserved: list[str] = field(default_factory=list)
+
+
+@torch.no_grad()
+def quantize_rtn(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    *,
+    weight_bits: int = 8,
+    activation_bits: int = 8,
+    activation_signed: bool = False,
+    symmetric_activations: bool = False,
+    per_channel: bool = True,
+    skip: str | None = None,
+    fold_bn: bool = True,
+    batch_size: int = 64,
+) -> RTNResult:
+    """Quantize ``model`` in place (eval mode) and attach the fake-quant forward.
+
+    ``calibration`` are model inputs (e.g. ``dataset.calibration(256)``); ``skip`` is a regex
+    of Conv/Linear module names kept in float (e.g. ``"^conv1$|^fc$"``). Only 8-bit activations
+    are supported: that is what integer kernels run.
+
+    Raises:
+        ValueError: bad bit widths, nothing to quantize, or a bias whose int32 grid overflows.
+    """
+    if not 2 <= weight_bits <= 8:
+        raise ValueError(f"weight_bits must be in [2, 8], got {weight_bits}")
+    if activation_bits != 8:
+        raise ValueError(f"activation_bits must be 8 (int8 kernels), got {activation_bits}")
+    model.eval()
+    folded = fold_batchnorm(model) if fold_bn else []
+    every = quantizable_modules(model)
+    targets = quantizable_modules(model, skip)
+    if not targets:
+        raise ValueError(
+            f"no Conv/Linear layer to quantize (skip={skip!r} matches all of "
+            f"{', '.join(every) or 'none'})"
+        )
+    plan = plan_activation_points(model, targets)
+
+    weights = {
+        f"{name}.weight": weight_spec_rtn(module.weight, weight_bits, per_channel=per_channel)
+        for name, module in targets.items()
+    }
+    attach_quantization(model, QuantState(weights=weights, method="rtn"))  # bakes the weights
+
+    observers = _observe(model, plan.points, calibration, batch_size)
+    activations = {
+        point.key: observers[point.key].spec(
+            activation_bits, signed=activation_signed, symmetric=symmetric_activations
+        )
+        for point in plan.points
+        if observers[point.key].count
+    }
+    unobserved = [key for key, obs in observers.items() if not obs.count]
+
+    for name, module in targets.items():
+        point = plan.module_inputs.get(name)
+        if module.bias is None or point is None or point.key not in activations:
+            continue
+        weights[f"{name}.bias"] = bias_spec(
+            activations[point.key], weights[f"{name}.weight"], module.bias, name
+        )
+    state = QuantState(
+        weights=weights,
+        activations=activations,
+        method="rtn",
+        info={
+            "weight_bits": weight_bits,
+            "activation_bits": activation_bits,
+            "activation_dtype": "int8" if activation_signed else "uint8",
+            "symmetric_activations": symmetric_activations,
+            "per_channel": per_channel,
+            "weight_storage": "int8",
+            "weight_levels": 2**weight_bits - 1,
+            "calibration_samples": int(len(calibration)),
+            "skip": skip,
+            "folded_batchnorm": [list(pair) for pair in folded],
+            "placement_traced": plan.traced,
+        },
+    )
+    attach_quantization(model, state)
+    return RTNResult(
+        state=state,
+        folded=folded,
+        quantized=list(targets),
+        skipped=[name for name in every if name not in targets],
+        plan=plan,
+        unobserved=unobserved,
+    )
+
+
+def bias_spec(
+    input_spec: QuantSpec, weight_spec: QuantSpec, bias: torch.Tensor, layer: str
+) -> QuantSpec:
+    """int32 grid of a bias added to an integer accumulator: ``scale_b = scale_x * scale_w``
+    (per output channel), zero point 0 — the accumulator's own unit (Jacob et al., 2018, sec.
+    2.4). The product is taken in float32, as the exporter does."""
+    scale = (input_spec.scale * weight_spec.scale).to(torch.float32)
+    spec = QuantSpec(
+        bits=BIAS_BITS,
+        signed=True,
+        axis=0 if scale.ndim else None,
+        scale=scale,
+        zero_point=torch.zeros_like(scale, dtype=torch.int32),
+    )
+    levels = (bias.detach().float() / spec._view(spec.scale, 1)).abs().max()
+    if float(levels) >= 2**24:  # float32 holds integers exactly only up to 2**24
+        raise ValueError(
+            f"{layer}: bias needs {float(levels):.3g} int32 levels of the input x "
+            "weight scale; this layer cannot be quantized (add it to skip)"
+        )
+    return spec
+
+
+def _observe(
+    model: nn.Module, points: Iterable[TensorPoint], calibration: torch.Tensor, batch_size: int
+) -> dict[str, MinMaxObserver]:
+    observers: dict[str, MinMaxObserver] = {}
+    handles = []
+    modules = dict(model.named_modules())
+    for point in points:
+        observer = observers[point.key] = MinMaxObserver()
+        module = modules[point.module]
+        if point.where == "input":
+            handles.append(module.register_forward_pre_hook(_Record(observer, point)))
+        else:
+            handles.append(module.register_forward_hook(_Record(observer, point)))
+    try:
+        for start in range(0, len(calibration), batch_size):
+            model(calibration[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return observers
+
+
+class _Record:
+    def __init__(self, observer: MinMaxObserver, point: TensorPoint):
+        self.observer, self.point = observer, point
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], *output: Any) -> None:
+        tensor = args[0] if self.point.where == "input" else output[0]
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"cannot observe the {self.point}: it is {type(tensor).__name__}")
+        self.observer.observe(tensor)

@@ -1,0 +1,314 @@
+"""UDFC: unified data-free pruning and quantization, repaired in closed form in the next layer.
+
+Bai, Chen, Shen, Qian & Liu, 2023, "Unified Data-Free Compression: Pruning and Quantization
+without Fine-Tuning" (ICCV; arXiv 2308.07209), sec. 3. Layer ``l`` (Conv + BN with ``gamma,
+beta, mu, sigma`` + ReLU) feeds layer ``l+1``. Write channel ``c``'s pre-activation as
+``z_c = scale_c (W_c . x) + K_c`` with ``scale = gamma / sigma`` and ``K = beta - gamma mu /
+sigma`` (:class:`~compress.prune.datafree_sites.ChannelFilters`).
+
+**Pruning.** A pruned channel ``j`` is assumed to be a linear combination of the kept channels
+``i``, ``a_j ~ sum_i s_i a_i``; layer ``l+1`` then reads the same input if its column ``i``
+absorbs ``s_i`` times column ``j``. The scales minimise the reconstruction error of ``z_j``::
+
+    L(s) = || sum_i s_i G_i - V ||^2 + alpha1 (sum_i s_i K_i - K_j)^2,
+    G_i = (gamma_i sigma_j) / (sigma_i gamma_j) vec(W_i),   V = vec(W_j)
+
+whose stationarity condition is the paper's closed form ``(G G^T + alpha1 k k^T) s = G V +
+alpha1 K_j k``. That system is singular when there are more kept channels than filter entries,
+so :func:`pruning_scales` solves the stacked least-squares problem ``[G^T; sqrt(alpha1) k^T] s
+~ [V; sqrt(alpha1) K_j]`` (minimum-norm solution, SVD-based), after multiplying both rows by
+``scale_j`` (same minimiser, and a channel with ``gamma_j = 0`` gets ``s = 0`` instead of a
+division by zero).
+
+**Quantization.** Kept channel ``m`` is quantized, ``R_m = scale_m vec(W_m)`` (its BN-folded
+filter, which is what gets int8 levels) becoming ``R~_m``, and layer ``l+1``'s input channel
+``m`` is multiplied by ``s~_m`` so that ``s~ z~_m`` matches ``z_m``::
+
+    L(s~) = || R_m - s~ R~_m ||^2 + alpha2 ((1 - s~) K_m)^2
+    s~_m = (R~_m . R_m + alpha2 K_m^2) / (R~_m . R~_m + alpha2 K_m^2)
+
+(setting ``dL/ds~ = 0``: ``-R~.(R - s~ R~) - alpha2 K^2 (1 - s~) = 0``). The closed form
+printed as the paper's eq. 21 is reported to reduce to 1, which is not this minimiser; we use
+the derivation above, and tests/test_udfc.py checks it against a numerical minimum.
+
+Both assumptions hold exactly only for a positively homogeneous activation: ``relu(s z) = s
+relu(z)`` needs ``s >= 0``, so a combination with mixed-sign scales is an approximation after
+the ReLU even when ``z_j`` is reconstructed exactly (it is exact when the channels involved are
+always active, or when ``z_j`` is a positive multiple of one kept channel). ReLU6
+(MobileNetV2) is homogeneous only below its clip at 6.
+
+:func:`udfc_compress` runs it over a model in forward order; see its docstring for residual
+blocks, depthwise convs and the layers that get no compensation.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from compress.prune.datafree_sites import (
+    ChannelFilters,
+    absorb_channels,
+    channel_filters,
+    compensate_mean,
+    find_prune_sites,
+    remove_site_channels,
+    select_channels,
+)
+from compress.prune.layer_chains import LayerChain, find_layer_chains, forward_layer_order
+from compress.quant.datafree import DataFreeResult, quantize_datafree, weight_spec
+from compress.quant.fold import fold_conv_bn_weights
+
+__all__ = [
+    "UDFCResult",
+    "pruning_loss",
+    "pruning_scales",
+    "quantization_loss",
+    "quantization_scales",
+    "udfc_compress",
+]
+
+
+def pruning_loss(
+    scales: torch.Tensor, filters: ChannelFilters, pruned: int, kept: torch.Tensor, alpha1: float
+) -> torch.Tensor:
+    """The UDFC pruning objective ``L(s)`` above for pruned channel ``pruned`` (float64)."""
+    ratio = filters.scale[kept] / filters.scale[pruned]
+    g = ratio[:, None] * filters.weight[kept]
+    weight_term = (scales.double() @ g - filters.weight[pruned]).pow(2).sum()
+    bias_term = (scales.double() @ filters.shift[kept] - filters.shift[pruned]) ** 2
+    return weight_term + alpha1 * bias_term
+
+
+def pruning_scales(filters: ChannelFilters, removed: torch.Tensor, alpha1: float) -> torch.Tensor:
+    """Closed-form ``s`` (rows: ``removed`` channels; columns: kept channels, increasing index)
+    minimising :func:`pruning_loss` for each removed channel."""
+    if alpha1 < 0:
+        raise ValueError(f"alpha1 must be >= 0, got {alpha1}")
+    channels = filters.weight.shape[0]
+    keep = torch.ones(channels, dtype=torch.bool)
+    keep[removed] = False
+    kept = torch.nonzero(keep).flatten()
+    folded = filters.scale[kept, None] * filters.weight[kept]  # R_i = scale_i W_i
+    root = alpha1**0.5
+    rows = []
+    for j in removed.tolist():
+        # (scale_j x) both residuals: sum_i s_i R_i - R_j and sqrt(a1) scale_j (s.k - K_j).
+        matrix = torch.cat([folded.T, root * filters.scale[j] * filters.shift[kept][None]], 0)
+        target = torch.cat(
+            [
+                filters.scale[j] * filters.weight[j],
+                (root * filters.scale[j] * filters.shift[j]).reshape(1),
+            ]
+        )
+        solution = torch.linalg.lstsq(matrix, target[:, None], driver="gelsd").solution
+        rows.append(solution[:, 0])
+    if not rows:
+        return torch.zeros(0, len(kept), dtype=torch.float64)
+    return torch.stack(rows)
+
+
+def quantization_loss(
+    scale: torch.Tensor | float,
+    folded: torch.Tensor,
+    quantized: torch.Tensor,
+    shift: torch.Tensor | float,
+    alpha2: float,
+) -> torch.Tensor:
+    """The UDFC quantization objective ``L(s~)`` above for one channel (float64)."""
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    shift = torch.as_tensor(shift, dtype=torch.float64)
+    error = (folded.double() - scale * quantized.double()).pow(2).sum()
+    return error + alpha2 * ((1 - scale) * shift) ** 2
+
+
+def quantization_scales(
+    folded: torch.Tensor, quantized: torch.Tensor, shift: torch.Tensor, alpha2: float
+) -> torch.Tensor:
+    """``s~_m = (R~_m . R_m + alpha2 K_m^2) / (R~_m . R~_m + alpha2 K_m^2)`` per output channel
+    (rows of ``folded``/``quantized``); 1 where the denominator vanishes."""
+    if alpha2 < 0:
+        raise ValueError(f"alpha2 must be >= 0, got {alpha2}")
+    r = folded.double().flatten(1)
+    q = quantized.double().flatten(1)
+    k2 = alpha2 * shift.double() ** 2
+    numerator = (q * r).sum(1) + k2
+    denominator = (q * q).sum(1) + k2
+    ok = denominator > 0
+    return torch.where(
+        ok,
+        numerator / torch.where(ok, denominator, torch.ones_like(denominator)),
+        torch.ones_like(denominator),
+    )
+
+
+@dataclass
+class UDFCResult:
+    """What :func:`udfc_compress` did; ``quant`` is ``None`` when it only pruned."""
+
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> channels, scales
+    compensated: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> s~ stats
+    skipped: dict[str, str] = field(default_factory=dict)
+    quant: DataFreeResult | None = None
+    seconds: float = 0.0
+
+    @property
+    def channels_before(self) -> int:
+        return sum(s["before"] for s in self.sites.values())
+
+    @property
+    def channels_after(self) -> int:
+        return sum(s["after"] for s in self.sites.values())
+
+
+@torch.no_grad()
+def udfc_compress(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    prune_ratio: float = 0.3,
+    weight_bits: int | None = 6,
+    criterion: Literal["l1", "l2"] = "l1",
+    alpha1: float = 0.01,
+    alpha2: float = 0.008,
+    compensate_quantization: bool = True,
+    per_channel: bool = True,
+    symmetric_weights: bool = True,
+    range_sigmas: float = 6.0,
+    activation_signed: bool = False,
+    symmetric_activations: bool = False,
+    input_std: float = 1.0,
+    mean_correction: bool = False,
+    skip: str | None = None,
+    masks: dict[str, torch.Tensor] | None = None,
+) -> UDFCResult:
+    """Prune ``prune_ratio`` of every site's channels and quantize to ``weight_bits``, in place,
+    repairing both in the next layer (module docstring). ``weight_bits=None``: prune only
+    (float model, BatchNorms kept); otherwise the model ends BN-folded with the
+    :class:`~compress.quant.state.QuantState` of :func:`quantize_datafree` attached
+    (activation ranges from BN statistics, 8 bits). ``masks`` (keep-masks by parameter name)
+    are sliced along with the weights. ``mean_correction`` (off: not in the paper) also
+    restores each consumer's mean input from BN statistics
+    (:func:`~compress.prune.datafree_sites.compensate_mean`).
+
+    Decisions the paper leaves open:
+
+    * **Which channels.** Only :class:`~compress.prune.datafree_sites.PruneSite` channels: read
+      by exactly one next layer. In a ResNet that is each BasicBlock's ``conv1`` (absorbed by
+      ``conv2``); channels tied to a residual add have several readers and stay.
+    * **Depthwise.** A MobileNetV2 block prunes its hidden channels from the expand conv and the
+      depthwise conv together; the project conv absorbs them (the filter is the composed
+      expand + depthwise kernel). For quantization a depthwise conv *can* absorb ``s~``: its
+      channel ``m`` reads only input channel ``m``.
+    * **Order.** Layers are processed in forward order, each one after its input side was
+      repaired, pruning before quantizing: ``W_{l+1}[:, i] = s~_i (W_{l+1}[:, i] + sum_j s_ji
+      W_{l+1}[:, j])``.
+    * **No next layer.** Layers whose output feeds a residual add or the model output (the
+      stem, a block's last conv, projections, the classifier) are quantized by plain RTN.
+    """
+    if weight_bits is not None and not 2 <= weight_bits <= 16:
+        raise ValueError(f"weight_bits must be in [2, 16] (or None: prune only), got {weight_bits}")
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+    started = time.perf_counter()
+    model.eval()
+    result = UDFCResult()
+    sites_by_layer = {}
+    if prune_ratio > 0:
+        search = find_prune_sites(model, example_input)
+        result.skipped.update(search.skipped)
+        sites_by_layer = {site.name: site for site in search.sites}
+    chains = find_layer_chains(model) if weight_bits is not None else {}
+    for name in forward_layer_order(model):
+        site = sites_by_layer.get(name)
+        if site is not None:
+            filters = channel_filters(model, site)
+            removed = select_channels(filters, prune_ratio, criterion, site.name)
+            scales = pruning_scales(filters, removed, alpha1)
+            absorb_channels(model, site, removed, scales)
+            if mean_correction:
+                compensate_mean(model, site, removed, scales)
+            remove_site_channels(search, site, removed, masks)
+            result.sites[site.name] = {
+                "kind": site.kind,
+                "consumer": site.consumer,
+                "before": len(filters.scale),
+                "after": len(filters.scale) - len(removed),
+                "removed": removed.tolist(),
+                "max_abs_scale": float(scales.abs().max()) if scales.numel() else 0.0,
+            }
+        chain = chains.get(name)
+        if (
+            chain is not None
+            and compensate_quantization
+            and weight_bits is not None
+            and not (skip and re.search(skip, name))
+        ):
+            result.compensated[name] = _compensate_quantization(
+                model, chain, weight_bits, alpha2, per_channel, symmetric_weights
+            )
+    if weight_bits is not None:
+        result.quant = quantize_datafree(
+            model,
+            weight_bits=weight_bits,
+            per_channel=per_channel,
+            symmetric_weights=symmetric_weights,
+            range_sigmas=range_sigmas,
+            activation_signed=activation_signed,
+            symmetric_activations=symmetric_activations,
+            input_std=input_std,
+            skip=skip,
+            method="udfc",
+            info={
+                "prune_ratio": prune_ratio,
+                "criterion": criterion,
+                "alpha1": alpha1,
+                "alpha2": alpha2,
+                "compensate_quantization": compensate_quantization,
+                "mean_correction": mean_correction,
+            },
+        )
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _compensate_quantization(
+    model: nn.Module,
+    chain: LayerChain,
+    bits: int,
+    alpha2: float,
+    per_channel: bool,
+    symmetric: bool,
+) -> dict[str, float]:
+    """Scale the consumer's input channels by ``s~`` for the grid :func:`quantize_datafree`
+    will give this layer (the same BN folding, the same weight spec, so the same ``R~``)."""
+    layer = model.get_submodule(chain.layer)
+    if chain.norm is not None:
+        norm = model.get_submodule(chain.norm)
+        folded, shift = fold_conv_bn_weights(
+            layer.weight,
+            layer.bias,
+            norm.running_mean,
+            norm.running_var,
+            norm.weight,
+            norm.bias,
+            norm.eps,
+        )
+    else:
+        folded = layer.weight.detach()
+        shift = layer.bias.detach() if layer.bias is not None else torch.zeros(folded.shape[0])
+    quantized = weight_spec(folded, bits, per_channel=per_channel, symmetric=symmetric).fake_quant(
+        folded
+    )
+    scales = quantization_scales(folded, quantized, shift, alpha2)
+    consumer = model.get_submodule(chain.consumer)
+    weight = consumer.weight
+    shape = [1] * weight.ndim
+    shape[0 if chain.consumer_kind == "depthwise" else 1] = -1
+    weight.mul_(scales.to(weight.dtype).reshape(shape))
+    return {"min": float(scales.min()), "max": float(scales.max()), "mean": float(scales.mean())}

@@ -1,0 +1,344 @@
+"""``prune.unstructured``: layer-adaptive unstructured pruning (uniform, global, LAMP, DIMAP, and
+Xu et al.'s rate-distortion DP, data-free by default)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from compress.prune import layer_sparsity, prunable_weights
+from compress.prune.allocation import (
+    keep_budget,
+    masks_from_counts,
+    threshold_allocation,
+    uniform_allocation,
+)
+from compress.prune.distortion import additivity, output_distortion
+from compress.prune.importance import (
+    VIT_MODULES,
+    DIMAPImportance,
+    LAMPImportance,
+    MagnitudeImportance,
+    ModuleRule,
+    assign_modules,
+    check_finite,
+)
+from compress.prune.inputs import bn_matched_inputs, has_batch_norm, random_inputs
+from compress.prune.magnitude import apply_masks
+from compress.prune.rate_distortion import rd_allocation
+from slimline.artifact import Artifact
+from slimline.evaluation import predict
+from slimline.io import atomic_path, write_json
+from slimline.params import ParamError, check_range, param
+from slimline.stage import StageContext, register_stage
+
+DEFAULT_MODULES = [{"name": r.name, "regex": r.regex} for r in VIT_MODULES]
+
+
+@dataclass
+class UnstructuredPruneParams:
+    sparsity: float = param(0.5, help="fraction of the candidate weights set to zero, in [0, 1)")
+    allocation: Literal["uniform", "global", "lamp", "dp"] = param(
+        "dp",
+        help="uniform: same sparsity per layer; global: one threshold on `score`; "
+        "lamp: LAMP scores; dp: rate-distortion dynamic programme (Xu et al. 2023)",
+    )
+    score: Literal["magnitude", "lamp", "dimap"] = param(
+        "magnitude",
+        help="importance ranked by allocation=global (dimap: one threshold per "
+        "module, layers outside `modules` stay dense)",
+    )
+    distortion_data: Literal["auto", "random", "bn", "calibration"] = param(
+        "auto",
+        help="inputs for measuring output distortion: random N(0,1) or bn (synthesised to match "
+        "BatchNorm statistics), both data-free; calibration (training samples); auto: bn if the "
+        "model has BatchNorm, else random",
+    )
+    samples: int = param(64, help="inputs in the distortion batch")
+    grid: int | list[float] = param(
+        101, help="dp levels per layer: a count of evenly spaced fractions in [0, 1], or a list"
+    )
+    refine: int = param(
+        3,
+        help="dp: rounds re-measuring the curves around the current allocation (0: paper's "
+        "one-shot DP); a round is kept only if the measured distortion drops",
+    )
+    window: float = param(0.1, help="dp refine: levels within this fraction of the current one")
+    max_layer_sparsity: float = param(
+        0.99, help="dp: no layer loses more than this fraction (an emptied layer cuts the network)"
+    )
+    reduction: Literal["mean", "max"] = param(
+        "mean", help="distortion over samples: mean logit MSE, or the worst sample's"
+    )
+    additivity_samples: int = param(
+        32, help="dp: random allocations for the additivity check (0: skip)"
+    )
+    bn_steps: int = param(200, help="optimisation steps for distortion_data=bn")
+    modules: list[dict] = param(
+        DEFAULT_MODULES, help="dimap modules: [{name, regex} | {name, op}] (op: layer class name)"
+    )
+    include: str | None = param(None, help="regex: prune only weights whose name matches")
+    exclude: str | None = param(None, help="regex: keep weights whose name matches dense")
+
+    def __post_init__(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        for key in ("include", "exclude"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ParamError(key, f"invalid regular expression: {exc}") from None
+        if self.samples < 1:
+            raise ParamError("samples", f"must be at least 1, got {self.samples}")
+        if self.distortion_data in ("bn", "auto") and self.samples < 2:
+            raise ParamError("samples", f"distortion_data={self.distortion_data} needs at least 2")
+        if self.refine < 0:
+            raise ParamError("refine", f"must be >= 0, got {self.refine}")
+        check_range("window", self.window, 1e-6, 1.0)
+        check_range("max_layer_sparsity", self.max_layer_sparsity, 0.0, 1.0)
+        if self.additivity_samples < 0 or self.additivity_samples == 1:
+            raise ParamError("additivity_samples", "must be 0 (off) or at least 2")
+        self.grid_levels()  # raises on a bad grid
+        self.module_rules()  # raises on bad modules
+        if self.score != "magnitude" and self.allocation != "global":
+            raise ParamError(
+                "score",
+                f"score={self.score!r} only ranks layers against each "
+                "other with allocation=global (inside a layer every score keeps "
+                f"the largest weights); with allocation={self.allocation!r} use "
+                "score=magnitude",
+            )
+
+    def grid_levels(self) -> np.ndarray:
+        if isinstance(self.grid, int):
+            if self.grid < 2:
+                raise ParamError("grid", f"needs at least 2 levels, got {self.grid}")
+            return np.linspace(0.0, 1.0, self.grid)
+        levels = np.asarray(self.grid, dtype=np.float64)
+        if levels.size < 1 or ((levels < 0) | (levels > 1)).any() or (np.diff(levels) <= 0).any():
+            raise ParamError(
+                "grid", f"levels must increase strictly within [0, 1], got {self.grid}"
+            )
+        return levels
+
+    def module_rules(self) -> list[ModuleRule]:
+        rules, seen = [], set()
+        for i, entry in enumerate(self.modules):
+            unknown = set(entry) - {"name", "regex", "op"}
+            if unknown or "name" not in entry:
+                raise ParamError(
+                    f"modules[{i}]", f"expected {{name, regex}} or {{name, op}}, got {entry!r}"
+                )
+            if entry["name"] in seen:
+                raise ParamError(f"modules[{i}]", f"duplicate module name {entry['name']!r}")
+            seen.add(entry["name"])
+            try:
+                rules.append(ModuleRule(str(entry["name"]), entry.get("regex"), entry.get("op")))
+            except ValueError as exc:
+                raise ParamError(f"modules[{i}]", str(exc)) from None
+        if self.score == "dimap" and not rules:
+            raise ParamError("modules", "score=dimap needs at least one module")
+        return rules
+
+
+@register_stage("prune.unstructured", UnstructuredPruneParams)
+def prune_unstructured(
+    ctx: StageContext, inputs: list[Artifact], p: UnstructuredPruneParams
+) -> Artifact:
+    """Layer-adaptive unstructured pruning: uniform, global, LAMP, DIMAP or rate-distortion DP."""
+    out = inputs[0].derive(copy_model=True)
+    apply_masks(out.model, out.masks)  # earlier pruning stays: those weights count as pruned
+    candidates = prunable_weights(out.model, p.include, p.exclude)
+    if not candidates:
+        every = ", ".join(prunable_weights(out.model)) or "none"
+        raise ctx.fail(
+            f"include={p.include!r} / exclude={p.exclude!r} match no prunable "
+            f"weight. Prunable weights: {every}"
+        )
+    module_of: dict[str, str] = {}
+    if p.score == "dimap":
+        try:
+            module_of = assign_modules(out.model, list(candidates), p.module_rules())
+        except ValueError as exc:
+            raise ctx.fail(str(exc)) from None
+        candidates = {n: w for n, w in candidates.items() if n in module_of}
+    weights = {n: w.detach() for n, w in candidates.items()}
+    try:
+        check_finite(weights)
+    except ValueError as exc:
+        raise ctx.fail(str(exc)) from None
+
+    distortion_inputs, data_kind = _distortion_inputs(ctx, out, p)
+    reference = predict(out.model, distortion_inputs)  # the model as it came in (old masks on)
+    metrics: dict[str, Any] = {}
+    state: dict[str, Any] = {}
+    magnitude = MagnitudeImportance(p=1)(weights)
+    total = sum(w.numel() for w in weights.values())
+    budget = keep_budget(total, p.sparsity)
+    if p.allocation == "uniform":
+        counts = uniform_allocation(weights, p.sparsity)
+    elif p.allocation == "lamp" or p.score == "lamp":
+        counts = threshold_allocation(LAMPImportance()(weights), p.sparsity)
+    elif p.score == "dimap":
+        importance = DIMAPImportance(module_of)
+        counts = threshold_allocation(importance(weights), p.sparsity)
+    elif p.allocation == "global":
+        counts = threshold_allocation(magnitude, p.sparsity)
+    else:
+        counts = _dp(ctx, out, p, list(weights), distortion_inputs, budget, metrics, state)
+    masks = masks_from_counts(magnitude, counts)
+    if p.score == "dimap":
+        pruned = {n: ~m for n, m in masks.items()}
+        state["modules"] = {
+            m: [n for n in weights if module_of[n] == m] for m in dict.fromkeys(module_of.values())
+        }
+        state["module_thresholds"] = DIMAPImportance(module_of).module_thresholds(weights, pruned)
+
+    for name, mask in masks.items():  # compose with earlier pruning instead of undoing it
+        out.masks[name] = mask & out.masks[name] if name in out.masks else mask
+    apply_masks(out.model, out.masks)
+    pruned_output = predict(out.model, distortion_inputs)
+    per_layer = layer_sparsity(out.model, list(weights))
+    zeros = sum(per_layer[n] * weights[n].numel() for n in weights)
+    all_prunable = prunable_weights(out.model)
+    all_zeros = sum(int((w == 0).sum()) for w in all_prunable.values())
+    metrics.update(
+        {
+            "sparsity": zeros / total,
+            "target_sparsity": p.sparsity,
+            "sparsity_all_prunable": all_zeros / sum(w.numel() for w in all_prunable.values()),
+            "layer_sparsity": per_layer,
+            "distortion": output_distortion(pruned_output, reference, p.reduction),
+            "distortion_data": data_kind,
+        }
+    )
+    out.state["pruning"] = {
+        "method": "unstructured",
+        "allocation": p.allocation,
+        "score": p.score,
+        "target": p.sparsity,
+        "budget_kept": budget,
+        "layer_sparsity": per_layer,
+        **state,
+    }
+    out.metrics = metrics
+    out.files["layer_sparsity_png"] = plot_layer_sparsity(
+        per_layer,
+        ctx.work_dir / "layer_sparsity.png",
+        title=f"{ctx.stage_id}: {p.allocation}/{p.score}, target {p.sparsity:.0%}",
+    )
+    return out
+
+
+def _distortion_inputs(
+    ctx: StageContext, artifact: Artifact, p: UnstructuredPruneParams
+) -> tuple[torch.Tensor, str]:
+    """The distortion batch and which kind it is (``auto`` resolved)."""
+    kind = p.distortion_data
+    if kind == "auto":
+        kind = "bn" if has_batch_norm(artifact.model) else "random"
+    if kind == "calibration":
+        return ctx.data.calibration(p.samples, seed=ctx.seed), kind
+    if kind == "bn":
+        try:
+            inputs = bn_matched_inputs(
+                artifact.model, artifact.input_shape, p.samples, steps=p.bn_steps, seed=ctx.seed
+            )
+        except ValueError as exc:
+            raise ctx.fail(f"distortion_data=bn: {exc}") from None
+        return inputs, kind
+    return random_inputs(artifact.input_shape, p.samples, seed=ctx.seed), kind
+
+
+def _dp(
+    ctx: StageContext,
+    out: Artifact,
+    p: UnstructuredPruneParams,
+    names: list[str],
+    distortion_inputs: torch.Tensor,
+    budget: int,
+    metrics: dict[str, Any],
+    state: dict[str, Any],
+) -> dict[str, int]:
+    """Curves, DP, refinement and the additivity check; fills metrics/state, returns counts."""
+    levels = p.grid_levels()
+    with ctx.progress(len(names), "distortion curves") as bar:
+        try:
+            result = rd_allocation(
+                out.model,
+                names,
+                distortion_inputs,
+                budget,
+                levels=levels,
+                reduction=p.reduction,
+                refine=p.refine,
+                window=p.window,
+                max_level=p.max_layer_sparsity,
+                progress=bar.update,
+            )
+        except ValueError as exc:
+            raise ctx.fail(
+                f"{exc} (sparsity={p.sparsity}, highest grid level {levels.max():.2f}; "
+                "add higher levels to `grid`)"
+            ) from None
+    metrics.update(
+        {
+            "predicted_distortion": result.predicted,
+            "dp_distortion_rounds": [r["measured"] for r in result.rounds],
+            **{f"{k}_seconds": v for k, v in result.seconds.items()},
+        }
+    )
+    if p.additivity_samples:
+        check = additivity(
+            out.model,
+            result.curves,
+            distortion_inputs,
+            samples=p.additivity_samples,
+            seed=ctx.seed,
+            reduction=p.reduction,
+        )
+        metrics["additivity"] = check.pearson
+        state["additivity"] = check.as_dict()
+    state["dp"] = {"rounds": result.rounds, "grid": levels.tolist()}
+    path = ctx.work_dir / "distortion_curves.json"
+    curves = result.curves
+    write_json(
+        path,
+        {
+            "names": curves.names,
+            "levels": levels.tolist(),
+            "distortion": curves.distortion.tolist(),
+            "kept": curves.kept.tolist(),
+        },
+    )
+    out.files["distortion_curves"] = path
+    return result.counts
+
+
+def plot_layer_sparsity(per_layer: dict[str, float], path: Path, *, title: str = "") -> Path:
+    """Bar chart of per-layer sparsity (PNG), written atomically; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    names = list(per_layer)
+    figure, axes = plt.subplots(figsize=(max(5.0, 0.3 * len(names) + 2), 4), dpi=110)
+    axes.bar(range(len(names)), [100 * per_layer[n] for n in names], color="tab:blue")
+    axes.set_xticks(range(len(names)))
+    axes.set_xticklabels([n.removesuffix(".weight") for n in names], rotation=75, fontsize=7)
+    axes.set_ylabel("sparsity (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(title, fontsize=9)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    plt.close(figure)
+    return path
