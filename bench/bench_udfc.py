@@ -1,6 +1,6 @@
 """Data-free pruning + quantization: UDFC vs plain prune + RTN, Neuron Merging + RTN and DFQ.
 
-    python bench/bench_udfc.py [--models resnet,mobilenetv2,cnn1d] [--latency-runs 200]
+    python -m bench.bench_udfc [--models resnet,mobilenetv2,cnn1d] [--latency-runs 200]
 
 Reference models are trained once through ``slimline.run`` (cached under bench/out/udfc_runs/).
 No method sees data: activation ranges come from BatchNorm statistics, example inputs are

@@ -106,8 +106,11 @@ def apply_structure(model: nn.Module, diff: dict[str, dict[str, Any]]) -> nn.Mod
             dtype = like.dtype if like is not None else torch.float32
             empty = torch.zeros(shape, dtype=dtype)
             if tensor_name in module._parameters:
+                # A slot that was None (a conv without bias that gained one from BN folding)
+                # becomes a trainable parameter, like every other weight.
+                old = module._parameters[tensor_name]
                 module._parameters[tensor_name] = nn.Parameter(
-                    empty, requires_grad=module._parameters[tensor_name].requires_grad)
+                    empty, requires_grad=old.requires_grad if old is not None else True)
             else:
                 module._buffers[tensor_name] = empty
     return model

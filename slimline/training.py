@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -60,15 +62,54 @@ def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedul
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+LossFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the running process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(length: int, rank: int, size: int) -> slice:
+    """Contiguous share of a global batch for one rank (sizes differ by at most one)."""
+    return slice(rank * length // size, (rank + 1) * length // size)
+
+
+def _all_reduce_gradients(model: nn.Module, weight: float) -> None:
+    """Sum ``weight * grad`` over ranks. With ``weight`` = local share of the global batch the
+    result is the gradient of the global-batch mean loss, exactly what one process computes
+    (DistributedDataParallel averages instead, which is off when the last batch splits unevenly).
+    """
+    for parameter in model.parameters():
+        if parameter.grad is None:  # keep the collective calls aligned across ranks
+            parameter.grad = torch.zeros_like(parameter)
+        parameter.grad.mul_(weight)
+        dist.all_reduce(parameter.grad)
+
+
 def fit(model: nn.Module, data: Dataset, params: TrainParams | None = None, *,
         masks: dict[str, torch.Tensor] | None = None, seed: int = 0,
-        progress: Progress | None = None) -> list[dict[str, float]]:
+        progress: Progress | None = None, loss_fn: LossFunction | None = None,
+        on_step: Callable[[], None] | None = None,
+        on_epoch: Callable[[int], dict[str, float] | None] | None = None
+        ) -> list[dict[str, float]]:
     """Train ``model`` in place on ``data``'s train split; returns one record per epoch.
 
     ``masks`` (parameter name -> keep-mask) are re-applied after every step, so pruned weights
-    stay exactly zero while the rest fine-tune.
+    stay exactly zero while the rest fine-tune. ``loss_fn(model, x, y)`` replaces the
+    cross-entropy (e.g. knowledge distillation); ``on_step()`` runs after every optimizer step,
+    ``on_epoch(epoch)`` before each epoch (0-based); the dict it returns, if any, is merged into
+    that epoch's record.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``) every rank walks the same shuffled global
+    batches, takes its contiguous shard, and gradients are summed weighted by shard size, so N
+    processes follow the one-process trajectory up to floating-point reduction order (BatchNorm
+    statistics are per shard, so BN models differ slightly).
     """
     p = params or TrainParams()
+    rank, size = world()
     if p.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum,
                                     nesterov=True, weight_decay=p.weight_decay)
@@ -79,27 +120,43 @@ def fit(model: nn.Module, data: Dataset, params: TrainParams | None = None, *,
     warmup_steps = int(p.warmup_epochs * steps_per_epoch)
     history: list[dict[str, float]] = []
     step = 0
+    compute_loss = loss_fn or (lambda m, x, y: F.cross_entropy(
+        m(x), y, label_smoothing=p.label_smoothing))
     for epoch in range(p.epochs):
+        extra = on_epoch(epoch) if on_epoch is not None else None
         model.train()
         total_loss = 0.0
         for x, y in data.batches("train", p.batch_size, shuffle=True, seed=seed + epoch):
             for group in optimizer.param_groups:
                 group["lr"] = p.lr * learning_rate_factor(step, total_steps, warmup_steps,
                                                           p.schedule)
-            loss = F.cross_entropy(model(x), y, label_smoothing=p.label_smoothing)
+            batch = len(x)
+            if size > 1:
+                part = _shard(batch, rank, size)
+                x, y = x[part], y[part]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(x):
+                loss = compute_loss(model, x, y)
+                loss.backward()
+                local_loss = loss.detach() * len(x)
+            else:
+                local_loss = torch.zeros(())
+            if size > 1:
+                _all_reduce_gradients(model, len(x) / batch)
+                dist.all_reduce(local_loss)
             optimizer.step()
             if masks:
                 apply_masks(model, masks)
-            total_loss += loss.item() * len(x)
+            if on_step is not None:
+                on_step()
+            total_loss += float(local_loss)
             step += 1
         if not math.isfinite(total_loss):
             raise TrainingDiverged(f"training diverged at epoch {epoch + 1} (loss is "
                                    f"{total_loss}); lower 'lr'")
         val_accuracy = accuracy(predict(model, data.x_val), data.y_val)
         history.append({"epoch": epoch + 1, "loss": total_loss / len(data.x_train),
-                        "val_accuracy": val_accuracy})
+                        "val_accuracy": val_accuracy, **(extra or {})})
         if progress is not None:
             progress.update(1, loss=history[-1]["loss"], val_acc=val_accuracy)
     model.eval()

@@ -224,14 +224,6 @@ def test_datafree_recipe_runs_through_int8_export() -> None:
         assert metrics["reference"] == "train" and metrics["accuracy"] > 0.3
 
 
-@pytest.mark.xfail(
-    raises=AttributeError,
-    reason=(
-        "slimline/structure.py apply_structure cannot re-create a conv bias that BN folding added "
-        "to a bias-free conv (its _parameters['bias'] is None); quant.rtn artifacts fail the same "
-        "way. One-line fix proposed in the UDFC report."
-    ),
-)
 def test_udfc_artifact_reloads_with_fewer_channels(resnet, tmp_path) -> None:
     model = copy.deepcopy(resnet)
     result = udfc_compress(model, torch.randn(1, 1, 8, 8), prune_ratio=0.5, weight_bits=6)

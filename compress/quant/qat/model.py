@@ -1,0 +1,188 @@
+"""Wiring QAT into a model: weight quantizers as parametrizations, LSQ activation quantizers on
+the inputs of quantized layers, QKR on attention, oscillation tracking and CGA freezing.
+
+Everything it adds is removed by :meth:`QATController.finish`, which leaves the plain
+architecture with weights on their grids and the :class:`~compress.quant.state.QuantState`
+attached (so artifacts save and the int8 exporter reads it like any other quantizer's).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from compress.quant.qat.cga import FrozenWeights, confident_mask
+from compress.quant.qat.lsq import LSQQuantizer
+from compress.quant.qat.oscillation import OscillationTracker
+from compress.quant.qat.qkr import merged_query_key, qkr_attention
+from compress.quant.qat.statsq import StatsQQuantizer, statsq_scale, statsq_spec
+from compress.quant.spec import QuantSpec
+from compress.quant.state import QuantState, TensorPoint, attach_quantization
+
+__all__ = ["QATConfig", "QATController"]
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class QATConfig:
+    weight_quantizer: Literal["lsq", "statsq"] = "statsq"
+    weight_bits: int = 3
+    activation_bits: int = 3
+    qkr: bool = False
+    boundary_range: float = 0.1  # CGA: steps from a rounding boundary that still train
+    skip: str | None = r"^(patch_embed|head)$"
+    oscillation_momentum: float = 0.01
+    oscillation_threshold: float = 0.005
+
+
+def _position(quantizer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """Continuous level position whose rounding is the integer level (what CGA measures)."""
+    if isinstance(quantizer, StatsQQuantizer):
+        n = 2 ** (quantizer.bits - 1)
+        return torch.clamp(weight / statsq_scale(weight), -1, 1) * n - 0.5
+    step = quantizer._view(weight).detach()
+    return torch.clamp(weight / step, quantizer.qmin, quantizer.qmax)
+
+
+class _QuantizeInput:
+    """Forward pre-hook: the module's own ``input_quantizer`` on its first input."""
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (module.input_quantizer(args[0]), *args[1:])
+
+
+class QATController:
+    """Installs QAT on ``model`` (in place); see the module docstring."""
+
+    def __init__(self, model: nn.Module, config: QATConfig):
+        self.model, self.config = model, config
+        self.tracker = OscillationTracker(config.oscillation_momentum,
+                                          config.oscillation_threshold)
+        self.frozen = FrozenWeights()
+        self.attentions = {name: m for name, m in model.named_modules()
+                           if config.qkr and hasattr(m, "num_heads") and hasattr(m, "q")}
+        qk = {f"{a}.{p}" for a in self.attentions for p in ("q", "k")}
+        self.layers = {name: m for name, m in model.named_modules()
+                       if isinstance(m, _LAYERS) and name not in qk
+                       and not (config.skip and re.search(config.skip, name))}
+        self.qk_quantizers: dict[str, StatsQQuantizer] = {}
+        self._handles: list[Any] = []
+
+    def _weight_quantizer(self, weight: torch.Tensor) -> nn.Module:
+        if self.config.weight_quantizer == "statsq":
+            return StatsQQuantizer(self.config.weight_bits)
+        quantizer = LSQQuantizer(self.config.weight_bits, per_row=True)
+        quantizer.initialize(weight)
+        return quantizer
+
+    def install(self, calibration: torch.Tensor) -> None:
+        """Add the quantizers; activation steps are initialised on ``calibration`` (the same
+        tensor on every process, so distributed runs start identically)."""
+        for module in self.layers.values():
+            parametrize.register_parametrization(
+                module, "weight", self._weight_quantizer(module.weight.detach()))
+            module.input_quantizer = LSQQuantizer(self.config.activation_bits, per_row=False)
+            self._handles.append(module.register_forward_pre_hook(_QuantizeInput()))
+        for name, attention in self.attentions.items():
+            self.qk_quantizers[name] = StatsQQuantizer(self.config.weight_bits)
+            quantize_input = (attention.v.input_quantizer if hasattr(attention.v,
+                                                                     "input_quantizer") else None)
+            attention.forward = partial(qkr_attention, attention,
+                                        quantize_merged=self.qk_quantizers[name],
+                                        quantize_input=quantize_input)
+        with torch.no_grad():
+            self.model(calibration)
+
+    def _quantized_weights(self) -> dict[str, tuple[nn.Module, torch.Tensor, nn.Parameter]]:
+        """name -> (quantizer, float weight tensor, parameter that training updates)."""
+        found = {}
+        for name, module in self.layers.items():
+            original = module.parametrizations.weight.original
+            found[f"{name}.weight"] = (module.parametrizations.weight[0], original, original)
+        return found
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Undo updates of CGA-frozen weights, then record integer levels."""
+        self.frozen.restore()
+        for name, (quantizer, weight, _) in self._quantized_weights().items():
+            self.tracker.update(name, quantizer.integer_levels(weight))
+        for name, attention in self.attentions.items():
+            merged = merged_query_key(attention)
+            levels = torch.stack([self.qk_quantizers[name].integer_levels(m) for m in merged])
+            self.tracker.update(f"{name}.qk_merged", levels)
+
+    @torch.no_grad()
+    def start_annealing(self) -> float:
+        """CGA: freeze confident weights at their current values; returns the frozen share.
+
+        On the QKR path the quantized tensor is the product ``W_qᵀW_k``, whose entries are not
+        parameters, so CGA freezes ``W_q`` and ``W_k`` entirely (their merged levels are then
+        fixed up to the StatsQ scale)."""
+        self.frozen = FrozenWeights()
+        for name, (quantizer, weight, parameter) in self._quantized_weights().items():
+            mask = confident_mask(_position(quantizer, weight), self.config.boundary_range)
+            self.frozen.freeze(name, parameter, mask)
+        for name, attention in self.attentions.items():
+            for part in ("q", "k"):
+                weight = getattr(attention, part).weight
+                self.frozen.freeze(f"{name}.{part}.weight", weight,
+                                   torch.ones_like(weight, dtype=torch.bool))
+        return self.frozen.share()
+
+    def oscillation_share(self) -> float:
+        return self.tracker.share()
+
+    @torch.no_grad()
+    def finish(self) -> QuantState:
+        """Remove the training machinery, put weights on their grids, attach the state.
+
+        Exported grids: StatsQ as ``scale = s/(2n)``, odd integers (see
+        :mod:`compress.quant.qat.statsq`); LSQ as its learned step, integers in
+        ``[-2^(b-1), 2^(b-1)-1]``; activations as signed per-tensor LSQ steps at each quantized
+        layer's input. With QKR the q/k Linears stay float (their quantized product has rank up
+        to D, not head_dim, so it cannot be split back into W_q, W_k); their input gets the
+        activation grid of the v projection that reads the same tensor.
+        """
+        self.frozen = FrozenWeights()
+        weights: dict[str, QuantSpec] = {}
+        activations: dict[str, QuantSpec] = {}
+        a_bits = self.config.activation_bits
+        for name, module in self.layers.items():
+            quantizer = module.parametrizations.weight[0]
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            weight = module.weight
+            if isinstance(quantizer, StatsQQuantizer):
+                spec, values = statsq_spec(weight, quantizer.bits)
+            else:
+                spec = QuantSpec(bits=quantizer.bits, signed=True, axis=0,
+                                 scale=quantizer.step.detach().flatten(),
+                                 zero_point=torch.zeros(weight.shape[0], dtype=torch.int32))
+                values = spec.fake_quant(weight)
+            weight.copy_(values)
+            weights[f"{name}.weight"] = spec
+            step = module.input_quantizer.step.detach().reshape(())
+            activations[TensorPoint(name, "input").key] = QuantSpec(
+                bits=a_bits, signed=True, scale=step, zero_point=0)
+            del module.input_quantizer
+        for handle in self._handles:
+            handle.remove()
+        for name, attention in self.attentions.items():
+            del attention.forward
+            v_point = TensorPoint(f"{name}.v", "input").key
+            if v_point in activations:
+                for part in ("q", "k"):
+                    activations[TensorPoint(f"{name}.{part}", "input").key] = activations[v_point]
+        state = QuantState(weights=weights, activations=activations,
+                           method=f"qat-{self.config.weight_quantizer}",
+                           info={"weight_bits": self.config.weight_bits,
+                                 "activation_bits": a_bits, "qkr": self.config.qkr})
+        attach_quantization(self.model, state)
+        return state

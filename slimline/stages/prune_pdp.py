@@ -1,0 +1,107 @@
+"""``prune.pdp``: train-time differentiable pruning (PDP), unstructured, channel or N:M.
+
+:func:`train_pdp` is the whole method on a plain module (the stage only wires artifacts); it
+runs unchanged under ``torchrun`` because :func:`slimline.training.fit` shards the batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from compress.prune.magnitude import apply_masks, layer_sparsity
+from compress.prune.pdp import PDPPruner
+from search.distill_losses import distillation_loss_fn
+from slimline.artifact import Artifact
+from slimline.data import Dataset
+from slimline.params import ParamError, check_range, param
+from slimline.progress import Progress
+from slimline.stage import StageContext, register_stage
+from slimline.training import TrainingDiverged, TrainParams, fit
+
+
+@dataclass
+class PDPParams:
+    method: Literal["unstructured", "channel", "nm"] = param(
+        "unstructured", help="unstructured |w|, whole output channels (L2 norm) or N:M groups")
+    sparsity: float = param(0.9, help="final sparsity (unstructured: global; channel: per "
+                                      "layer; ignored for nm, which is (m-n)/m)")
+    n: int = param(2, help="nm: weights kept in every group of m")
+    m: int = param(4, help="nm: group size along the input dimension")
+    tau: float = param(0.05, help="mask temperature relative to the layer's mean squared score")
+    epsilon: float = param(0.15, help="global target sparsity added per epoch after warm-up")
+    warmup_epochs: int = param(2, help="dense epochs before the masks are installed")
+    epochs: int = param(12, help="total epochs (warm-up included)")
+    lr: float = param(2e-3, help="peak learning rate (AdamW, cosine)")
+    batch_size: int = param(64, help="samples per step (global, over all processes)")
+    include: str | None = param(None, help="regex: prune only weights whose name matches")
+    exclude: str | None = param(None, help="regex: keep weights whose name matches dense")
+    distill: bool = param(False, help="distill from the input (unpruned) model (Hinton KD)")
+    temperature: float = param(4.0, help="distillation temperature T")
+    alpha: float = param(0.5, help="weight of the distillation term (1 - alpha: labels)")
+
+    def __post_init__(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        check_range("alpha", self.alpha, 0.0, 1.0)
+        if self.m < 2 or not 1 <= self.n < self.m:
+            raise ParamError("n", f"need 1 <= n < m and m >= 2, got {self.n}:{self.m}")
+        if self.tau <= 0 or self.temperature <= 0 or self.epsilon <= 0:
+            raise ParamError("tau", "tau, temperature and epsilon must be positive")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ParamError("warmup_epochs", f"must be in [0, epochs={self.epochs})")
+        for key in ("include", "exclude"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ParamError(key, f"invalid regular expression: {exc}") from None
+
+
+def train_pdp(model: nn.Module, data: Dataset, p: PDPParams, *, teacher: nn.Module | None = None,
+              seed: int = 0, progress: Progress | None = None
+              ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """Prune ``model`` in place with PDP while training; returns (keep-masks, epoch history)."""
+    pruner = PDPPruner(model, p.sparsity, p.method, tau=p.tau, epsilon=p.epsilon,
+                       warmup_epochs=p.warmup_epochs, n=p.n, m=p.m, include=p.include,
+                       exclude=p.exclude)
+    train = TrainParams(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
+                        warmup_epochs=min(1.0, float(p.epochs)))
+    loss_fn = (distillation_loss_fn(teacher, temperature=p.temperature, alpha=p.alpha)
+               if teacher is not None else None)
+    history = fit(model, data, train, seed=seed, progress=progress, loss_fn=loss_fn,
+                  on_epoch=pruner.start_epoch)
+    return pruner.finish(), history
+
+
+@register_stage("prune.pdp", PDPParams)
+def prune_pdp(ctx: StageContext, inputs: list[Artifact], p: PDPParams) -> Artifact:
+    """Parameter-free differentiable pruning while training (optionally distilled)."""
+    out = inputs[0].derive(copy_model=True)
+    if out.masks:
+        apply_masks(out.model, out.masks)  # earlier pruning stays; PDP ranks what is left
+    teacher = copy.deepcopy(inputs[0].model) if p.distill else None
+    with ctx.progress(p.epochs, "epochs") as bar:
+        try:
+            masks, history = train_pdp(out.model, ctx.data, p, teacher=teacher, seed=ctx.seed,
+                                       progress=bar)
+        except (TrainingDiverged, ValueError) as exc:
+            raise ctx.fail(str(exc)) from None
+    for name, mask in masks.items():
+        out.masks[name] = mask & out.masks[name] if name in out.masks else mask
+    apply_masks(out.model, out.masks)
+    per_layer = layer_sparsity(out.model, list(masks))
+    total = sum(mask.numel() for mask in masks.values())
+    zeros = sum(int((~mask).sum()) for mask in masks.values())
+    target = (p.m - p.n) / p.m if p.method == "nm" else p.sparsity
+    out.state["pruning"] = {"method": f"pdp-{p.method}", "target": target,
+                            "layer_sparsity": per_layer}
+    out.metrics = {"sparsity": zeros / total, "target_sparsity": target,
+                   "val_accuracy": history[-1]["val_accuracy"], "layer_sparsity": per_layer,
+                   "epochs": history}
+    return out
