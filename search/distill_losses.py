@@ -15,9 +15,14 @@ import torch.nn.functional as F
 __all__ = ["distillation_loss_fn", "hinton_kd_loss"]
 
 
-def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                   labels: torch.Tensor, *, temperature: float = 4.0,
-                   alpha: float = 0.5) -> torch.Tensor:
+def hinton_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+) -> torch.Tensor:
     """Hinton et al., 2015, "Distilling the Knowledge in a Neural Network", sec. 2:
 
         L = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y)
@@ -27,15 +32,19 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """
     if temperature <= 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"need temperature > 0 and alpha in [0, 1], got {temperature}, {alpha}")
-    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
-                    F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
-                    reduction="batchmean", log_target=True)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
     hard = F.cross_entropy(student_logits, labels)
     return alpha * temperature**2 * soft + (1.0 - alpha) * hard
 
 
-def distillation_loss_fn(teacher: nn.Module, *, temperature: float, alpha: float
-                         ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+def distillation_loss_fn(
+    teacher: nn.Module, *, temperature: float, alpha: float
+) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``loss_fn(model, x, y)`` for :func:`slimline.training.fit` that distills from
     ``teacher`` (frozen, eval mode, no gradients)."""
     teacher.eval()

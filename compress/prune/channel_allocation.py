@@ -9,20 +9,26 @@ group - and returns the kept counts. Budgets are measured by a :class:`CostModel
   ``F * r_out * r_in`` where ``r`` are the kept fractions of the groups that own its output and
   input channels (a depthwise conv only ``F * r``), attention matmuls scale with the kept heads,
   and everything no group touches is a constant.
+* ``latency``: predicted onnxruntime latency from a per-layer table
+  (:class:`export.layer_lut.LayerLatencyTable`, attached by
+  :func:`compress.prune.layer_latency.attach_latency`): the fixed
+  overhead plus each Conv/Linear layer's entry at its kept (input, output) widths.
 
 ``dp`` minimises the summed importance of the removed units (the distortion) under the budget with
 :func:`compress.prune.dp.allocate_dp`. FLOPs are bilinear in the kept fractions of neighbouring
 groups, so the DP sees each group's cost with its neighbours held at the current solution and is
 re-solved from its own answer until that settles; the best feasible answer is kept, and a greedy
 repair (drop the level with the least distortion per FLOP saved) guarantees the budget holds.
+Latency is handled by the same machinery: a table entry depends on the kept widths of the groups
+owning the layer's two sides, so it is linearised and repaired exactly like FLOPs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -36,7 +42,10 @@ from compress.prune.channel_groups import (
 )
 from compress.prune.flops import FlopCount
 
-Target = Literal["channels", "flops"]
+if TYPE_CHECKING:
+    from export.layer_lut import LayerLatencyTable
+
+Target = Literal["channels", "flops", "latency"]
 Allocation = Literal["uniform", "global", "dp"]
 DP_GRID_STEPS = 4000  # budget resolution of the FLOPs DP (1/4000 of the budget)
 
@@ -48,11 +57,12 @@ class _LayerCost:
     in_total: int
     out_parts: list[tuple[int, int]] = field(default_factory=list)  # (group index, channels)
     in_parts: list[tuple[int, int]] = field(default_factory=list)
+    name: str = ""
 
 
 @dataclass
 class CostModel:
-    """Predicts channels and FLOPs of the model for any kept counts of its groups."""
+    """Predicts channels, FLOPs and (with a table attached) latency for any kept counts."""
 
     sizes: list[int]
     widths: list[int]
@@ -60,6 +70,50 @@ class CostModel:
     constant: float
     layers: list[_LayerCost]
     head_flops: dict[int, float]
+    latency_table: LayerLatencyTable | None = None
+    latency_constant: float = 0.0  # overhead + layers no group touches (ms)
+
+    def layer_widths(self, kept: Sequence[int]) -> dict[str, tuple[int, int]]:
+        """``{layer: (in, out)}`` channels of every layer some group touches, at ``kept``."""
+        fraction = [k / n for k, n in zip(kept, self.sizes)]
+        return {
+            layer.name: (
+                round(layer.in_total * _kept_fraction(layer.in_total, layer.in_parts, fraction)),
+                round(layer.out_total * _kept_fraction(layer.out_total, layer.out_parts, fraction)),
+            )
+            for layer in self.layers
+        }
+
+    def latency(self, kept: Sequence[int]) -> float:
+        """Predicted latency (ms) from the attached table; see :func:`attach_latency`."""
+        table = self._table()
+        widths = self.layer_widths(kept)
+        return self.latency_constant + sum(table.lookup(n, i, o) for n, (i, o) in widths.items())
+
+    def group_latency(self, g: int, kept: Sequence[int], levels: np.ndarray) -> np.ndarray:
+        """Latency of the layers group ``g`` touches, for each of ``levels``, others at ``kept``."""
+        table = self._table()
+        fraction = [k / n for k, n in zip(kept, self.sizes)]
+        result = np.zeros(len(levels))
+        for layer in self.layers:
+            out_g = sum(c for h, c in layer.out_parts if h == g)
+            in_g = sum(c for h, c in layer.in_parts if h == g)
+            if not out_g and not in_g:
+                continue
+            f = np.asarray(levels, dtype=np.float64) / self.sizes[g]
+            out_rest = _kept_fraction(layer.out_total, layer.out_parts, fraction, skip=g)
+            in_rest = _kept_fraction(layer.in_total, layer.in_parts, fraction, skip=g)
+            outs = np.round(layer.out_total * out_rest + out_g * f)
+            ins = np.round(layer.in_total * in_rest + in_g * f)
+            result += [table.lookup(layer.name, i, o) for i, o in zip(ins, outs)]
+        return result
+
+    def _table(self) -> LayerLatencyTable:
+        if self.latency_table is None:
+            raise StructuredPruningError(
+                "no latency table attached (see layer_latency.attach_latency)"
+            )
+        return self.latency_table
 
     def channels(self, kept: Sequence[int]) -> int:
         return int(sum(k * w for k, w in zip(kept, self.widths)))
@@ -116,7 +170,7 @@ def build_cost_model(graph: ChannelGraph, counted: FlopCount) -> CostModel:
         if isinstance(module, CONV_LINEAR):
             out_total, in_total = _io_channels(module)
             layer_costs[name] = _LayerCost(
-                float(counted.per_module.get(name, 0)), out_total, in_total
+                float(counted.per_module.get(name, 0)), out_total, in_total, name=name
             )
     tp_graph = graph.dependency_graph
     for group in graph.groups:
@@ -222,8 +276,13 @@ def allocate(
     elif target == "flops":
         total = cost.total_flops
         budget, measure = (1.0 - ratio) * total, cost.flops
+    elif target == "latency":
+        total = cost.latency(sizes)
+        budget, measure = (1.0 - ratio) * total, cost.latency
     else:
-        raise StructuredPruningError(f"unknown target {target!r}; use 'channels' or 'flops'")
+        raise StructuredPruningError(
+            f"unknown target {target!r}; use 'channels', 'flops' or 'latency'"
+        )
     floor = measure([int(lv[0]) for lv in levels])
     if floor > budget + 1e-6:
         raise StructuredPruningError(
@@ -242,7 +301,8 @@ def allocate(
         if target == "channels":
             return _dp_channels(levels, distortion, cost.widths, int(math.floor(budget)))
         start = _bisect_uniform(levels, sizes, measure, budget, max_group_ratio)
-        return _dp_flops(levels, distortion, cost, budget, start)
+        group_cost = cost.group_latency if target == "latency" else cost.group_flops
+        return _dp_linearised(levels, distortion, measure, group_cost, budget, start, target)
     raise StructuredPruningError(f"unknown allocation {method!r}; use uniform, global or dp")
 
 
@@ -301,9 +361,17 @@ def _dp_channels(levels, distortion, widths, budget: int) -> list[int]:
     return [int(lv[j]) for lv, j in zip(levels, choice)]
 
 
-def _dp_flops(
-    levels, distortion, cost: CostModel, budget: float, start: list[int], iterations: int = 8
+def _dp_linearised(
+    levels,
+    distortion,
+    measure: Callable[[Sequence[int]], float],
+    group_cost: Callable[[int, Sequence[int], np.ndarray], np.ndarray],
+    budget: float,
+    start: list[int],
+    target: str,
+    iterations: int = 8,
 ) -> list[int]:
+    """DP under a cost that is not separable per group (FLOPs, latency): see the module doc."""
     from compress.prune.dp import allocate_dp, quantize_cost
 
     def total_distortion(kept: list[int]) -> float:
@@ -319,14 +387,14 @@ def _dp_flops(
     for _ in range(iterations):
         rows = np.zeros(distortion.shape)
         for g, lv in enumerate(levels):
-            rows[g, : len(lv)] = cost.group_flops(g, current, lv.astype(np.float64))
+            rows[g, : len(lv)] = group_cost(g, current, lv.astype(np.float64))
             rows[g, len(lv) :] = rows[g, 0]  # forbidden padding levels: any finite cost
         now = np.array(
             [rows[g, int(np.searchsorted(lv, k))] for g, (lv, k) in enumerate(zip(levels, current))]
         )
-        # Linearised: flops(k) ~ flops(current) + sum_g rows[g, k_g] - now[g].
+        # Linearised: cost(k) ~ cost(current) + sum_g rows[g, k_g] - now[g].
         shift = rows.min(axis=1)
-        room = budget - cost.flops(current) + now.sum() - shift.sum()
+        room = budget - measure(current) + now.sum() - shift.sum()
         if room <= 0:
             break
         grid, grid_budget = quantize_cost(rows - shift[:, None], room, DP_GRID_STEPS)
@@ -335,7 +403,7 @@ def _dp_flops(
         except ValueError:
             break
         candidate = [int(lv[j]) for lv, j in zip(levels, choice)]
-        if cost.flops(candidate) <= budget:
+        if measure(candidate) <= budget:
             d = total_distortion(candidate)
             if d < best_d:
                 best, best_d = candidate, d
@@ -343,25 +411,25 @@ def _dp_flops(
             break
         seen.add(tuple(candidate))
         current = candidate
-    return _repair(best, levels, distortion, cost, budget)
+    return _repair(best, levels, distortion, measure, budget, target)
 
 
-def _repair(kept, levels, distortion, cost: CostModel, budget: float) -> list[int]:
-    """Step groups down one level, least distortion per FLOP saved first, until within budget."""
+def _repair(kept, levels, distortion, measure, budget: float, target: str) -> list[int]:
+    """Step groups down one level, least distortion per cost saved first, until within budget."""
     kept = list(kept)
-    while cost.flops(kept) > budget:
-        base, best, best_rate = cost.flops(kept), None, np.inf
+    while measure(kept) > budget:
+        base, best, best_rate = measure(kept), None, np.inf
         for g, lv in enumerate(levels):
             j = int(np.searchsorted(lv, kept[g]))
             if j == 0:
                 continue
             trial = kept[:g] + [int(lv[j - 1])] + kept[g + 1 :]
-            saved = base - cost.flops(trial)
+            saved = base - measure(trial)
             if saved > 0:
                 rate = (distortion[g, j - 1] - distortion[g, j]) / saved
                 if rate < best_rate:
                     best, best_rate = trial, rate
         if best is None:
-            raise StructuredPruningError("no allocation meets the FLOPs budget")
+            raise StructuredPruningError(f"no allocation meets the {target} budget")
         kept = best
     return kept

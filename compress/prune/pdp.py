@@ -63,8 +63,9 @@ def nm_thresholds(magnitude: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return (groups[..., n - 1 : n] + groups[..., n : n + 1]) / 2
 
 
-def pdp_soft_mask(scores: torch.Tensor, threshold: torch.Tensor, tau: float | torch.Tensor
-                  ) -> torch.Tensor:
+def pdp_soft_mask(
+    scores: torch.Tensor, threshold: torch.Tensor, tau: float | torch.Tensor
+) -> torch.Tensor:
     """Eq. 3: ``softmax([t²/τ, s²/τ])[1] = sigmoid((s² − t²)/τ)`` (differentiable in ``s``)."""
     return torch.sigmoid((scores.square() - threshold.square()) / tau)
 
@@ -100,8 +101,9 @@ class PDPMask(nn.Module):
         return self.mask(weight) * weight
 
 
-def hard_mask(weight: torch.Tensor, mode: Mode, sparsity: float, n: int = 2, m: int = 4
-              ) -> torch.Tensor:
+def hard_mask(
+    weight: torch.Tensor, mode: Mode, sparsity: float, n: int = 2, m: int = 4
+) -> torch.Tensor:
     """Final keep-mask (``m ≥ 0.5`` with exact counts, see the module docstring)."""
     weight = weight.detach()
     if mode == "nm":
@@ -139,20 +141,27 @@ class PDPPruner:
     m: int = 4
     include: str | None = None
     exclude: str | None = None
+    hard_from_epoch: int | None = None
     layer_targets: dict[str, float] = field(default_factory=dict)
+    # Filled by finish(); the same dict object throughout, so a training loop handed it keeps
+    # the hard-pruned weights at zero in the final hard-mask epochs.
+    hard_masks: dict[str, torch.Tensor] = field(default_factory=dict)
     _masks: dict[str, PDPMask] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode == "nm":
             check_pattern(self.n, self.m)
             self.target = (self.m - self.n) / self.m
-        self.weights = {name: w for name, w in prunable_weights(
-            self.model, self.include, self.exclude).items()
+        self.weights = {
+            name: w
+            for name, w in prunable_weights(self.model, self.include, self.exclude).items()
             if isinstance(self._owner(name)[0], _TYPES)
-            and (self.mode != "nm" or w.shape[1] % self.m == 0)}
+            and (self.mode != "nm" or w.shape[1] % self.m == 0)
+        }
         if not self.weights:
-            raise ValueError("no Linear/Conv weight to prune (check include/exclude and N:M "
-                             "divisibility)")
+            raise ValueError(
+                "no Linear/Conv weight to prune (check include/exclude and N:M divisibility)"
+            )
 
     def _owner(self, name: str) -> tuple[nn.Module, str]:
         module_name, _, attr = name.rpartition(".")
@@ -166,7 +175,11 @@ class PDPPruner:
         return dict.fromkeys(self.weights, self.target)
 
     def start_epoch(self, epoch: int) -> dict[str, float]:
-        """Install the soft masks when the warm-up ends, then update every layer's target."""
+        """Install the soft masks when the warm-up ends, then update every layer's target;
+        from ``hard_from_epoch`` on, train with the hard masks (:meth:`finish`)."""
+        if self.hard_masks or (self.hard_from_epoch is not None and epoch >= self.hard_from_epoch):
+            self.finish()
+            return {"pdp_target": self.target, "pdp_hard": 1.0}
         if epoch < self.warmup_epochs:
             return {"pdp_target": 0.0}
         if not self._masks:
@@ -178,14 +191,20 @@ class PDPPruner:
                 self._masks[name] = mask
         done = epoch - self.warmup_epochs + 1
         for name, mask in self._masks.items():
-            mask.sparsity = (self.layer_targets[name] if self.mode == "nm"
-                             else ramp(self.layer_targets[name], self.target, done, self.epsilon))
+            mask.sparsity = (
+                self.layer_targets[name]
+                if self.mode == "nm"
+                else ramp(self.layer_targets[name], self.target, done, self.epsilon)
+            )
         return {"pdp_target": ramp(self.target, self.target, done, self.epsilon)}
 
     @torch.no_grad()
     def finish(self) -> dict[str, torch.Tensor]:
         """Remove the soft masks (weights back to plain parameters), apply the hard masks at
-        the final per-layer targets and return them (True = kept)."""
+        the final per-layer targets and return them (True = kept). Idempotent."""
+        if self.hard_masks:
+            apply_masks(self.model, self.hard_masks)
+            return self.hard_masks
         if not self.layer_targets:
             self.layer_targets = self._final_targets()
         for name in list(self._masks):
@@ -193,7 +212,13 @@ class PDPPruner:
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         self._masks.clear()
         parameters = dict(self.model.named_parameters())
-        masks = {name: hard_mask(parameters[name], self.mode, self.layer_targets[name],
-                                 self.n, self.m) for name in self.weights}
-        apply_masks(self.model, masks)
-        return masks
+        self.hard_masks.update(
+            {
+                name: hard_mask(
+                    parameters[name], self.mode, self.layer_targets[name], self.n, self.m
+                )
+                for name in self.weights
+            }
+        )
+        apply_masks(self.model, self.hard_masks)
+        return self.hard_masks

@@ -6,7 +6,8 @@ The pieces, each usable on its own:
   (residual adds, BN, depthwise convs, concat, the q/k/v/proj of a head) and the surgery;
 * :mod:`compress.prune.channel_importance` - ``importance(group) -> scores`` (L1/L2 magnitude);
 * :mod:`compress.prune.channel_allocation` - kept units per group: ``uniform``, ``global``
-  ranking, or ``dp`` (:func:`compress.prune.dp.allocate_dp`) under a channel or FLOPs budget;
+  ranking, or ``dp`` (:func:`compress.prune.dp.allocate_dp`) under a channel, FLOPs or
+  latency budget (:mod:`compress.prune.layer_latency`: a per-layer onnxruntime table);
 * :mod:`compress.prune.flops` - FLOPs and parameter counts.
 
 :func:`prune_channels` wires them::
@@ -23,7 +24,7 @@ updated ``out_channels``/``num_heads`` attributes), so it exports to ONNX at the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
@@ -50,6 +51,9 @@ from compress.prune.channel_importance import (
     unit_scores,
 )
 from compress.prune.flops import count_flops
+
+if TYPE_CHECKING:
+    from export.layer_lut import LayerLatencyTable
 
 DPDistortion = Literal["output", "magnitude"]
 
@@ -86,6 +90,9 @@ class ChannelPruningResult:
     layer_channels: dict[str, list[int]] = field(default_factory=dict)
     heads: dict[str, list[int]] = field(default_factory=dict)  # attention module -> [before, after]
     skipped: dict[str, str] = field(default_factory=dict)  # group/layer -> why it was not pruned
+    # target="latency": the table's predicted latency (ms) before and after
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
 
     @property
     def flops_ratio(self) -> float:
@@ -126,8 +133,10 @@ def prune_channels(
     dp_distortion: DPDistortion = "output",
     dp_samples: int = 32,
     masks: dict[str, torch.Tensor] | None = None,
+    latency_table: LayerLatencyTable | None = None,
 ) -> ChannelPruningResult:
-    """Remove ``ratio`` of the channels (``target="channels"``) or FLOPs (``"flops"``), in place.
+    """Remove ``ratio`` of the channels (``target="channels"``), FLOPs (``"flops"``) or predicted
+    latency (``"latency"``, from ``latency_table``), in place.
 
     Args:
         model: pruned in place; on an error it may be left partly pruned, so pass a copy.
@@ -145,6 +154,10 @@ def prune_channels(
             group alone is pruned, measured on ``dp_samples`` N(0, 1) inputs (data-free, Xu et
             al.'s additive distortion) - or ``magnitude``, the summed scores of removed units.
         masks: keep-masks (parameter name -> bool tensor) sliced along with their weights.
+        latency_table: per-layer latency grids of this model
+            (:func:`compress.prune.layer_latency.build_layer_latency_table`); required for and
+            only used by ``target="latency"``, whose budget is ``(1 - ratio)`` times the table's
+            prediction for the unpruned model (overhead counted once).
 
     Raises:
         StructuredPruningError: bad ratio, nothing prunable, an unreachable budget, NaN/inf
@@ -155,12 +168,17 @@ def prune_channels(
     if round_to < 1:
         raise StructuredPruningError(f"round_to must be at least 1, got {round_to}")
     for key, value, allowed in (
-        ("target", target, ("channels", "flops")),
+        ("target", target, ("channels", "flops", "latency")),
         ("allocation", allocation, ("uniform", "global", "dp")),
         ("dp_distortion", dp_distortion, ("output", "magnitude")),
     ):
         if value not in allowed:
             raise StructuredPruningError(f"{key} must be one of {allowed}, got {value!r}")
+    if target == "latency" and latency_table is None:
+        raise StructuredPruningError(
+            "target='latency' needs latency_table (compress.prune.layer_latency."
+            "build_layer_latency_table, or LayerLatencyTable.load)"
+        )
     importance = importance or ChannelMagnitudeImportance(p=1)
     before = count_flops(model, example_input)
     widths_before = layer_widths(model)
@@ -181,6 +199,13 @@ def prune_channels(
     except ValueError as exc:
         raise StructuredPruningError(str(exc)) from None
     cost = build_cost_model(graph, before)
+    latency_before = None
+    if target == "latency":
+        # Imported here: the latency path pulls in onnx/onnxruntime, the others need neither.
+        from compress.prune.layer_latency import attach_latency
+
+        attach_latency(cost, graph, latency_table)
+        latency_before = cost.latency([g.size for g in graph.groups])
     table = None
     if allocation == "dp" and dp_distortion == "output":
         levels = [group_levels(g, round_to, max_group_ratio) for g in graph.groups]
@@ -219,6 +244,7 @@ def prune_channels(
         }
         if group.kind == "heads":
             heads[group.name] = [size, keep]
+    latency_after = cost.latency(kept) if latency_before is not None else None
     _check_runs(model, example_input)
     after = count_flops(model, example_input)
     widths_after = layer_widths(model)
@@ -237,6 +263,8 @@ def prune_channels(
         layer_channels={n: [widths_before[n], widths_after.get(n, 0)] for n in widths_before},
         heads=heads,
         skipped=dict(graph.skipped),
+        latency_before_ms=latency_before,
+        latency_after_ms=latency_after,
     )
 
 

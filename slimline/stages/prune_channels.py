@@ -1,11 +1,17 @@
-"""``prune.channels``: structured pruning that physically removes channels and attention heads."""
+"""``prune.channels``: structured pruning that physically removes channels and attention heads.
+
+With ``target: latency`` the budget is onnxruntime latency predicted by a per-layer table
+(:mod:`compress.prune.layer_latency`): loaded from ``latency_table`` (e.g. measured on the target
+device) or measured here and saved as ``layer_latency.json`` in the stage's folder. After pruning
+the whole pruned model is timed once more so the metrics show how well the table predicted it.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from compress.prune.channel_importance import ChannelMagnitudeImportance
 from compress.prune.structured import ChannelPruningResult, StructuredPruningError, prune_channels
@@ -18,8 +24,10 @@ from slimline.stage import StageContext, register_stage
 @dataclass
 class ChannelPruneParams:
     ratio: float = param(0.3, help="fraction of `target` to remove, in [0, 1)")
-    target: Literal["channels", "flops"] = param(
-        "channels", help="what `ratio` measures: channels of the prunable groups, or model FLOPs"
+    target: Literal["channels", "flops", "latency"] = param(
+        "channels",
+        help="what `ratio` measures: channels of the prunable groups, model FLOPs, or "
+        "onnxruntime latency predicted by a per-layer table (see latency_table)",
     )
     importance: Literal["l1", "l2"] = param(
         "l1",
@@ -47,6 +55,15 @@ class ChannelPruneParams:
     prune_embedding: bool = param(
         False, help="also prune LayerNorm-normalised widths (a transformer's residual stream)"
     )
+    latency_table: str | None = param(
+        None,
+        help="target latency: per-layer table JSON (e.g. measured on the target device); by "
+        "default one is measured here (1 thread, batch 1) and saved in the stage folder",
+    )
+    latency_grid: int = param(4, help="target latency: widths per side of each layer's grid")
+    latency_runs: int = param(
+        60, help="target latency: timed runs per grid point and for the final whole-model check"
+    )
 
     def __post_init__(self) -> None:
         check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
@@ -54,6 +71,12 @@ class ChannelPruneParams:
             raise ParamError("round_to", f"must be at least 1, got {self.round_to}")
         if not 0.0 < self.max_group_ratio < 1.0:
             raise ParamError("max_group_ratio", f"must be in (0, 1), got {self.max_group_ratio}")
+        if self.latency_grid < 2:
+            raise ParamError("latency_grid", f"must be at least 2, got {self.latency_grid}")
+        if self.latency_runs < 1:
+            raise ParamError("latency_runs", f"must be at least 1, got {self.latency_runs}")
+        if self.latency_table is not None and self.target != "latency":
+            raise ParamError("latency_table", "is only used with target: latency")
         if self.ignore is not None:
             try:
                 re.compile(self.ignore)
@@ -67,6 +90,7 @@ def prune_channels_stage(
 ) -> Artifact:
     """Structured pruning: remove channels/heads (DepGraph-coupled) to a channel or FLOPs target."""
     out = inputs[0].derive(copy_model=True)
+    table = _latency_table(ctx, out, p) if p.target == "latency" else None
     try:
         result = prune_channels(
             out.model,
@@ -82,6 +106,7 @@ def prune_channels_stage(
             prune_embedding=p.prune_embedding,
             dp_distortion=p.dp_distortion,
             masks=out.masks,
+            latency_table=table,
         )
     except StructuredPruningError as exc:
         raise ctx.fail(str(exc)) from None
@@ -107,6 +132,8 @@ def prune_channels_stage(
         "heads": result.heads,
         "skipped": result.skipped,
     }
+    if table is not None:
+        out.metrics |= _latency_check(ctx, out, result, p)
     out.files["channels_png"] = plot_layer_channels(
         result,
         ctx.work_dir / "channels.png",
@@ -126,6 +153,73 @@ def prune_channels_stage(
             "onnxruntime may run them slower than expected: consider round_to: 8 or 16"
         )
     return out
+
+
+def _latency_table(ctx: StageContext, out: Artifact, p: ChannelPruneParams) -> Any:
+    """The given table, or one measured now and cached as ``layer_latency.json`` (reused if the
+    stage folder already has one for this model)."""
+    from export.layer_lut import LayerLatencyTable, LutError
+
+    if p.latency_table is not None:
+        try:
+            return LayerLatencyTable.load(p.latency_table)
+        except FileNotFoundError:
+            raise ctx.fail(f"latency_table {p.latency_table!r} does not exist") from None
+        except LutError as exc:
+            raise ctx.fail(str(exc)) from None
+    from compress.prune.layer_latency import build_layer_latency_table, model_layer_widths
+
+    path = ctx.work_dir / "layer_latency.json"
+    if path.is_file():
+        try:
+            cached = LayerLatencyTable.load(path)
+            cached.check_layers(model_layer_widths(out.model))
+            out.files["latency_table"] = path
+            return cached
+        except LutError:
+            pass  # a stale table for another model: measure again
+    ctx.log("measuring a per-layer latency table (onnxruntime, 1 thread, batch 1)")
+    try:
+        table = build_layer_latency_table(
+            out.model,
+            out.example_input(1),
+            round_to=p.round_to,
+            max_group_ratio=p.max_group_ratio,
+            ignore=p.ignore,
+            grid_points=p.latency_grid,
+            runs=p.latency_runs,
+            progress=ctx.log,
+        )
+    except StructuredPruningError as exc:
+        raise ctx.fail(str(exc)) from None
+    out.files["latency_table"] = table.save(path)
+    ctx.log(f"latency table: {table.meta['timings']} timings in {table.meta['build_s']} s")
+    return table
+
+
+def _latency_check(
+    ctx: StageContext, out: Artifact, result: ChannelPruningResult, p: ChannelPruneParams
+) -> dict[str, Any]:
+    """Predicted latency before/after, and the pruned model measured against the prediction."""
+    from compress.prune.layer_latency import measure_model_latency
+
+    measured = measure_model_latency(out.model, out.example_input(1), runs=p.latency_runs)
+    predicted = float(result.latency_after_ms or 0.0)
+    error = (predicted - measured["median_ms"]) / measured["median_ms"]
+    ctx.log(
+        f"latency predicted {result.latency_before_ms:.3f} -> {predicted:.3f} ms, measured "
+        f"{measured['median_ms']:.3f} ms ({error:+.1%} prediction error)"
+    )
+    return {
+        "latency_predicted_before_ms": result.latency_before_ms,
+        "latency_predicted_after_ms": predicted,
+        "latency_predicted_ratio": predicted / result.latency_before_ms
+        if result.latency_before_ms
+        else 1.0,
+        "latency_measured_after_ms": measured["median_ms"],
+        "latency_measured_p90_ms": measured["p90_ms"],
+        "latency_prediction_error": error,
+    }
 
 
 def plot_layer_channels(result: ChannelPruningResult, path: Path, *, title: str = "") -> Path:

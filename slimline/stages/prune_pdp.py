@@ -28,15 +28,22 @@ from slimline.training import TrainingDiverged, TrainParams, fit
 @dataclass
 class PDPParams:
     method: Literal["unstructured", "channel", "nm"] = param(
-        "unstructured", help="unstructured |w|, whole output channels (L2 norm) or N:M groups")
-    sparsity: float = param(0.9, help="final sparsity (unstructured: global; channel: per "
-                                      "layer; ignored for nm, which is (m-n)/m)")
+        "unstructured", help="unstructured |w|, whole output channels (L2 norm) or N:M groups"
+    )
+    sparsity: float = param(
+        0.9,
+        help="final sparsity (unstructured: global; channel: per "
+        "layer; ignored for nm, which is (m-n)/m)",
+    )
     n: int = param(2, help="nm: weights kept in every group of m")
     m: int = param(4, help="nm: group size along the input dimension")
-    tau: float = param(0.05, help="mask temperature relative to the layer's mean squared score")
+    tau: float = param(0.2, help="mask temperature relative to the layer's mean squared score")
     epsilon: float = param(0.15, help="global target sparsity added per epoch after warm-up")
     warmup_epochs: int = param(2, help="dense epochs before the masks are installed")
     epochs: int = param(12, help="total epochs (warm-up included)")
+    hard_epochs: int = param(
+        1, help="final epochs trained with the hard masks (0: harden only at the very end)"
+    )
     lr: float = param(2e-3, help="peak learning rate (AdamW, cosine)")
     batch_size: int = param(64, help="samples per step (global, over all processes)")
     include: str | None = param(None, help="regex: prune only weights whose name matches")
@@ -52,6 +59,8 @@ class PDPParams:
             raise ParamError("n", f"need 1 <= n < m and m >= 2, got {self.n}:{self.m}")
         if self.tau <= 0 or self.temperature <= 0 or self.epsilon <= 0:
             raise ParamError("tau", "tau, temperature and epsilon must be positive")
+        if not 0 <= self.hard_epochs < self.epochs - self.warmup_epochs:
+            raise ParamError("hard_epochs", "must leave at least one soft-mask epoch")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ParamError("warmup_epochs", f"must be in [0, epochs={self.epochs})")
         for key in ("include", "exclude"):
@@ -63,19 +72,47 @@ class PDPParams:
                     raise ParamError(key, f"invalid regular expression: {exc}") from None
 
 
-def train_pdp(model: nn.Module, data: Dataset, p: PDPParams, *, teacher: nn.Module | None = None,
-              seed: int = 0, progress: Progress | None = None
-              ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+def train_pdp(
+    model: nn.Module,
+    data: Dataset,
+    p: PDPParams,
+    *,
+    teacher: nn.Module | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """Prune ``model`` in place with PDP while training; returns (keep-masks, epoch history)."""
-    pruner = PDPPruner(model, p.sparsity, p.method, tau=p.tau, epsilon=p.epsilon,
-                       warmup_epochs=p.warmup_epochs, n=p.n, m=p.m, include=p.include,
-                       exclude=p.exclude)
-    train = TrainParams(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-                        warmup_epochs=min(1.0, float(p.epochs)))
-    loss_fn = (distillation_loss_fn(teacher, temperature=p.temperature, alpha=p.alpha)
-               if teacher is not None else None)
-    history = fit(model, data, train, seed=seed, progress=progress, loss_fn=loss_fn,
-                  on_epoch=pruner.start_epoch)
+    pruner = PDPPruner(
+        model,
+        p.sparsity,
+        p.method,
+        tau=p.tau,
+        epsilon=p.epsilon,
+        warmup_epochs=p.warmup_epochs,
+        n=p.n,
+        m=p.m,
+        include=p.include,
+        exclude=p.exclude,
+        hard_from_epoch=p.epochs - p.hard_epochs if p.hard_epochs else None,
+    )
+    train = TrainParams(
+        epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, warmup_epochs=min(1.0, float(p.epochs))
+    )
+    loss_fn = (
+        distillation_loss_fn(teacher, temperature=p.temperature, alpha=p.alpha)
+        if teacher is not None
+        else None
+    )
+    history = fit(
+        model,
+        data,
+        train,
+        seed=seed,
+        progress=progress,
+        loss_fn=loss_fn,
+        masks=pruner.hard_masks,  # empty (no-op) until the hard-mask epochs
+        on_epoch=pruner.start_epoch,
+    )
     return pruner.finish(), history
 
 
@@ -88,8 +125,9 @@ def prune_pdp(ctx: StageContext, inputs: list[Artifact], p: PDPParams) -> Artifa
     teacher = copy.deepcopy(inputs[0].model) if p.distill else None
     with ctx.progress(p.epochs, "epochs") as bar:
         try:
-            masks, history = train_pdp(out.model, ctx.data, p, teacher=teacher, seed=ctx.seed,
-                                       progress=bar)
+            masks, history = train_pdp(
+                out.model, ctx.data, p, teacher=teacher, seed=ctx.seed, progress=bar
+            )
         except (TrainingDiverged, ValueError) as exc:
             raise ctx.fail(str(exc)) from None
     for name, mask in masks.items():
@@ -99,9 +137,16 @@ def prune_pdp(ctx: StageContext, inputs: list[Artifact], p: PDPParams) -> Artifa
     total = sum(mask.numel() for mask in masks.values())
     zeros = sum(int((~mask).sum()) for mask in masks.values())
     target = (p.m - p.n) / p.m if p.method == "nm" else p.sparsity
-    out.state["pruning"] = {"method": f"pdp-{p.method}", "target": target,
-                            "layer_sparsity": per_layer}
-    out.metrics = {"sparsity": zeros / total, "target_sparsity": target,
-                   "val_accuracy": history[-1]["val_accuracy"], "layer_sparsity": per_layer,
-                   "epochs": history}
+    out.state["pruning"] = {
+        "method": f"pdp-{p.method}",
+        "target": target,
+        "layer_sparsity": per_layer,
+    }
+    out.metrics = {
+        "sparsity": zeros / total,
+        "target_sparsity": target,
+        "val_accuracy": history[-1]["val_accuracy"],
+        "layer_sparsity": per_layer,
+        "epochs": history,
+    }
     return out

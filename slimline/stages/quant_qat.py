@@ -29,21 +29,29 @@ from slimline.training import TrainingDiverged, TrainParams, fit, world
 @dataclass
 class QATParams:
     weight_quantizer: Literal["lsq", "statsq"] = param(
-        "statsq", help="lsq: learned step (baseline); statsq: OFQ statistical scale, no zero")
+        "statsq", help="lsq: learned step (baseline); statsq: OFQ statistical scale, no zero"
+    )
     weight_bits: int = param(3, help="weight bits (statsq: 2-7, exported as odd int8 levels)")
     activation_bits: int = param(3, help="activation bits (signed LSQ, per tensor)")
     cga: bool = param(False, help="confidence-guided annealing in the last cga_epochs")
     cga_epochs: int = param(2, help="length of the annealing phase")
-    boundary_range: float = param(0.1, help="CGA: weights within this many steps of a rounding "
-                                            "boundary keep training, the rest are frozen")
+    boundary_range: float = param(
+        0.02,
+        help="CGA: weights within this many steps of a rounding boundary keep training, the "
+        "rest are frozen (the authors' code uses 0.003-0.01 on ImageNet)",
+    )
     qkr: bool = param(False, help="quantize the merged W_q^T W_k per head (attention models)")
     skip: str | None = param(r"^(patch_embed|head)$", help="regex of layers kept in float")
     epochs: int = param(10, help="training epochs (annealing included)")
     lr: float = param(1e-3, help="peak learning rate (AdamW, cosine)")
     batch_size: int = param(64, help="samples per step (global, over all processes)")
     calibration_samples: int = param(256, help="inputs that initialise activation steps")
-    oscillation_threshold: float = param(0.005, help="frequency above which a weight counts "
-                                                     "as oscillating")
+    oscillation_momentum: float = param(
+        0.05, help="momentum of the moving oscillation frequency (~1/steps per epoch)"
+    )
+    oscillation_threshold: float = param(
+        0.02, help="frequency above which a weight counts as oscillating"
+    )
     distill: bool = param(False, help="distill from the input (float) model (Hinton KD)")
     temperature: float = param(4.0, help="distillation temperature T")
     alpha: float = param(0.5, help="weight of the distillation term (1 - alpha: labels)")
@@ -51,8 +59,10 @@ class QATParams:
     def __post_init__(self) -> None:
         high = 7 if self.weight_quantizer == "statsq" else 8
         if not 2 <= self.weight_bits <= high:
-            raise ParamError("weight_bits", f"must be in [2, {high}] for "
-                                            f"{self.weight_quantizer}, got {self.weight_bits}")
+            raise ParamError(
+                "weight_bits",
+                f"must be in [2, {high}] for {self.weight_quantizer}, got {self.weight_bits}",
+            )
         if not 2 <= self.activation_bits <= 8:
             raise ParamError("activation_bits", f"must be in [2, 8], got {self.activation_bits}")
         if self.cga and not 0 < self.cga_epochs < self.epochs:
@@ -68,18 +78,33 @@ class QATParams:
                 raise ParamError("skip", f"invalid regular expression: {exc}") from None
 
 
-def train_qat(model: nn.Module, data: Dataset, p: QATParams, *, teacher: nn.Module | None = None,
-              seed: int = 0, progress: Progress | None = None
-              ) -> tuple[dict[str, Any], list[dict[str, float]]]:
+def train_qat(
+    model: nn.Module,
+    data: Dataset,
+    p: QATParams,
+    *,
+    teacher: nn.Module | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Quantization-aware training of ``model`` in place; returns (state dict, history).
 
     Each history record has ``oscillation_share`` (at the end of that epoch) and, in the CGA
     phase, ``frozen_share``.
     """
-    controller = QATController(model, QATConfig(
-        weight_quantizer=p.weight_quantizer, weight_bits=p.weight_bits,
-        activation_bits=p.activation_bits, qkr=p.qkr, boundary_range=p.boundary_range,
-        skip=p.skip, oscillation_threshold=p.oscillation_threshold))
+    controller = QATController(
+        model,
+        QATConfig(
+            weight_quantizer=p.weight_quantizer,
+            weight_bits=p.weight_bits,
+            activation_bits=p.activation_bits,
+            qkr=p.qkr,
+            boundary_range=p.boundary_range,
+            skip=p.skip,
+            oscillation_momentum=p.oscillation_momentum,
+            oscillation_threshold=p.oscillation_threshold,
+        ),
+    )
     controller.install(data.calibration(p.calibration_samples, seed=seed))
     anneal_from = p.epochs - p.cga_epochs if p.cga else p.epochs
     frozen: dict[int, float] = {}
@@ -89,10 +114,14 @@ def train_qat(model: nn.Module, data: Dataset, p: QATParams, *, teacher: nn.Modu
             frozen[epoch] = controller.start_annealing()
         return {}
 
-    train = TrainParams(epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, warmup_epochs=1.0,
-                        weight_decay=0.0)
-    loss_fn = (distillation_loss_fn(teacher, temperature=p.temperature, alpha=p.alpha)
-               if teacher is not None else None)
+    train = TrainParams(
+        epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, warmup_epochs=1.0, weight_decay=0.0
+    )
+    loss_fn = (
+        distillation_loss_fn(teacher, temperature=p.temperature, alpha=p.alpha)
+        if teacher is not None
+        else None
+    )
     shares: list[float] = []
 
     class _Bar:  # records the oscillation share at every epoch end, then forwards to progress
@@ -101,8 +130,16 @@ def train_qat(model: nn.Module, data: Dataset, p: QATParams, *, teacher: nn.Modu
             if progress is not None:
                 progress.update(n, **values)
 
-    history = fit(model, data, train, seed=seed, progress=_Bar(),  # type: ignore[arg-type]
-                  loss_fn=loss_fn, on_step=controller.after_step, on_epoch=on_epoch)
+    history = fit(
+        model,
+        data,
+        train,
+        seed=seed,
+        progress=_Bar(),  # type: ignore[arg-type]
+        loss_fn=loss_fn,
+        on_step=controller.after_step,
+        on_epoch=on_epoch,
+    )
     for epoch, record in enumerate(history):
         record["oscillation_share"] = shares[epoch]
         if epoch in frozen:
@@ -141,15 +178,19 @@ def quant_qat(ctx: StageContext, inputs: list[Artifact], p: QATParams) -> Artifa
     teacher = copy.deepcopy(source.model) if p.distill else None
     with ctx.progress(p.epochs, "epochs") as bar:
         try:
-            state, history = train_qat(out.model, ctx.data, p, teacher=teacher, seed=ctx.seed,
-                                       progress=bar)
+            state, history = train_qat(
+                out.model, ctx.data, p, teacher=teacher, seed=ctx.seed, progress=bar
+            )
         except (TrainingDiverged, ValueError) as exc:
             raise ctx.fail(str(exc)) from None
     out.state["quantization"] = state
-    method = "lsq" if p.weight_quantizer == "lsq" else "ofq-statsq" + "+cga" * p.cga + \
-        "+qkr" * p.qkr
+    method = (
+        "lsq" if p.weight_quantizer == "lsq" else "ofq-statsq" + "+cga" * p.cga + "+qkr" * p.qkr
+    )
     out.metrics = {
-        "method": method, "weight_bits": p.weight_bits, "activation_bits": p.activation_bits,
+        "method": method,
+        "weight_bits": p.weight_bits,
+        "activation_bits": p.activation_bits,
         # accuracy of the model as stored (weights on the grid, activation hooks attached)
         "val_accuracy": accuracy(predict(out.model, ctx.data.x_val), ctx.data.y_val),
         "oscillation_share": history[-1]["oscillation_share"],
@@ -158,6 +199,7 @@ def quant_qat(ctx: StageContext, inputs: list[Artifact], p: QATParams) -> Artifa
     }
     if world()[0] == 0:
         path = ctx.work_dir / "oscillation.png"
-        out.files["oscillation_plot"] = plot_oscillation(history, path, f"{method} "
-                                                         f"W{p.weight_bits}A{p.activation_bits}")
+        out.files["oscillation_plot"] = plot_oscillation(
+            history, path, f"{method} W{p.weight_bits}A{p.activation_bits}"
+        )
     return out

@@ -21,8 +21,9 @@ def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     return (x - x * factor).detach() + x * factor
 
 
-def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int,
-                 grad_scale: float) -> torch.Tensor:
+def lsq_quantize(
+    x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, grad_scale: float
+) -> torch.Tensor:
     """Eq. 1-2 of LSQ: ``v̂ = round(clamp(v / s, -Q_N, Q_P)) · s``; the step's gradient is
     scaled by ``g = 1 / sqrt(N · Q_P)`` (sec. 2.2) so it trains at the weights' pace."""
     step = scale_gradient(step, grad_scale)
@@ -44,8 +45,13 @@ class LSQQuantizer(nn.Module):
         self.step = nn.Parameter(torch.ones(1))
         self.initialized = False
 
+    def positive_step(self) -> torch.Tensor:
+        """The step as used: ``|s|`` floored, since an optimizer may push ``s`` through zero."""
+        return self.step.abs().clamp_min(1e-8)
+
     def _view(self, x: torch.Tensor) -> torch.Tensor:
-        return self.step.reshape(-1, *([1] * (x.dim() - 1))) if self.per_row else self.step
+        step = self.positive_step()
+        return step.reshape(-1, *([1] * (x.dim() - 1))) if self.per_row else step
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:

@@ -29,10 +29,12 @@ def merged_query_key(attention: nn.Module) -> torch.Tensor:
     return w_q.transpose(1, 2) @ w_k
 
 
-def qkr_attention(attention: nn.Module, x: torch.Tensor,
-                  quantize_merged: Callable[[torch.Tensor], torch.Tensor],
-                  quantize_input: Callable[[torch.Tensor], torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+def qkr_attention(
+    attention: nn.Module,
+    x: torch.Tensor,
+    quantize_merged: Callable[[torch.Tensor], torch.Tensor],
+    quantize_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Forward of :class:`slimline.models.vit.Attention` with the merged query-key product
     passed through ``quantize_merged`` (applied to each head's D × D matrix, rows = axis 0).
 
@@ -43,7 +45,8 @@ def qkr_attention(attention: nn.Module, x: torch.Tensor,
     x_in = quantize_input(x) if quantize_input is not None else x
     merged = torch.stack([quantize_merged(m) for m in merged_query_key(attention)])
     key_bias = attention.k.weight.reshape(heads, dim, -1).transpose(1, 2) @ (
-        attention.q.bias.reshape(heads, dim, 1))  # (heads, D, 1)
+        attention.q.bias.reshape(heads, dim, 1)
+    )  # (heads, D, 1)
     xh = x_in.unsqueeze(1)  # (b, 1, n, D)
     logits = (xh @ merged) @ xh.transpose(-2, -1) + (xh @ key_bias).transpose(-2, -1)
     attn = torch.softmax(logits * dim**-0.5, dim=-1)

@@ -9,7 +9,8 @@ scale was what drove oscillation — and the levels have no zero:
 
 i.e. ``2^b`` levels ``s·(k + 1/2)/n`` for integers ``k ∈ [-n, n-1]`` (the integer is clamped to
 that range too: at ``w = s`` the rounding would otherwise produce ``k = n``). The gradient is
-straight-through inside ``[-s, s]`` and zero outside; ``s`` is detached (a statistic).
+straight-through (identity, also outside ``[-s, s]``, as in the authors' public code) and ``s``
+is detached (a statistic).
 
 Export: the levels are half-integers times ``s/n``, so on an integer grid with
 ``scale = s / (2n)`` they are the odd integers ``2k + 1 ∈ [-(2n-1), 2n-1]`` — exact, and inside
@@ -23,8 +24,13 @@ import torch.nn as nn
 
 from compress.quant.spec import QuantSpec
 
-__all__ = ["StatsQQuantizer", "statsq_integer_levels", "statsq_quantize", "statsq_scale",
-           "statsq_spec"]
+__all__ = [
+    "StatsQQuantizer",
+    "statsq_integer_levels",
+    "statsq_quantize",
+    "statsq_scale",
+    "statsq_spec",
+]
 
 
 def statsq_scale(weight: torch.Tensor) -> torch.Tensor:
@@ -33,8 +39,9 @@ def statsq_scale(weight: torch.Tensor) -> torch.Tensor:
     return scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
 
-def statsq_integer_levels(weight: torch.Tensor, bits: int,
-                          scale: torch.Tensor | None = None) -> torch.Tensor:
+def statsq_integer_levels(
+    weight: torch.Tensor, bits: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Integers ``k ∈ [-n, n-1]`` with ``q = s (k + 1/2) / n``."""
     n = 2 ** (bits - 1)
     scale = statsq_scale(weight) if scale is None else scale
@@ -43,13 +50,12 @@ def statsq_integer_levels(weight: torch.Tensor, bits: int,
 
 
 def statsq_quantize(weight: torch.Tensor, bits: int) -> torch.Tensor:
-    """Fake-quantized ``weight`` (module docstring), straight-through inside ``[-s, s]``."""
+    """Fake-quantized ``weight`` (module docstring), gradient straight through (identity)."""
     n = 2 ** (bits - 1)
     scale = statsq_scale(weight)
-    clipped = torch.clamp(weight, -scale, scale)
     levels = statsq_integer_levels(weight, bits, scale)
     quantized = scale * (levels + 0.5) / n
-    return clipped + (quantized - clipped).detach()
+    return weight + (quantized - weight).detach()
 
 
 def statsq_spec(weight: torch.Tensor, bits: int) -> tuple[QuantSpec, torch.Tensor]:
@@ -60,9 +66,14 @@ def statsq_spec(weight: torch.Tensor, bits: int) -> tuple[QuantSpec, torch.Tenso
     n = 2 ** (bits - 1)
     scale = statsq_scale(weight)
     levels = statsq_integer_levels(weight, bits, scale)
-    spec = QuantSpec(bits=bits + 1, signed=True, narrow=True, axis=0,
-                     scale=(scale / (2 * n)).flatten(),
-                     zero_point=torch.zeros(weight.shape[0], dtype=torch.int32))
+    spec = QuantSpec(
+        bits=bits + 1,
+        signed=True,
+        narrow=True,
+        axis=0,
+        scale=(scale / (2 * n)).flatten(),
+        zero_point=torch.zeros(weight.shape[0], dtype=torch.int32),
+    )
     return spec, spec.dequantize(2 * levels + 1)
 
 
