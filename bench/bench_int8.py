@@ -12,14 +12,16 @@ fp32 and int8 QDQ ONNX (``export.onnx``); run directories are cached under
   measured in ROUNDS interleaved rounds (A B C A B C ...), keeping each model's lowest median:
   the machine is shared, and the least disturbed round is the best estimate of the unloaded
   latency (a single round mostly measures the neighbours);
+* paired ratios: the three models' runs interleaved one by one, median of per-run ratios
+  (robust to the load drifting between the rounds above);
 * accuracy on the test split, run by onnxruntime (fp32, ours, ORT static);
 * ORT static = :func:`export.ort_quant.ort_quantize` (QDQ, per-channel, uint8/int8, min/max)
   on the same fp32 file with 256 calibration inputs.
 
 Configurations: the reference settings (digits 8x8: ResNet-8 width 16, ViT dim 64) where one
 inference is far below a millisecond and fixed per-op costs dominate, and larger ones (digits
-resized to 32x32, ResNet-8 width 32, ViT with 4x4 patches) where the convolutions and matmuls
-carry the time and int8 kernels can show what they are worth.
+resized to 32x32: ResNet-8 width 32 and 64, ViT with 4x4 patches) where the convolutions and
+matmuls carry the time and int8 kernels can show what they are worth.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "model": {"name": "resnet", "with": {"depth": 8, "width": 32}},
         "data": {"name": "digits", "with": {"resize": 32}},
         "epochs": 10,
+    },
+    # Width 64: enough work per conv for int8 kernels to reach ~3x (latency-only probe, untrained:
+    # 2.7x at batch 1, 3.2x at 32; width 16: 1.1-1.3x). 4 epochs reach ~99% on 32x32 digits.
+    "resnet-w64-32x32": {
+        "model": {"name": "resnet", "with": {"depth": 8, "width": 64}},
+        "data": {"name": "digits", "with": {"resize": 32}},
+        "epochs": 4,
     },
     "vit-8x8": {"model": {"name": "vit"}, "data": {"name": "digits"}, "epochs": 40},
     "vit-32x32": {
@@ -79,9 +89,7 @@ def pipeline(name: str, config: dict[str, Any]) -> RunResult:
             },
         ],
     }
-    # quant (seconds) is always recomputed, so the exports never reload a BN-folded model from
-    # disk: slimline/structure.py cannot yet replay the bias a fold adds to a bias-less conv.
-    return slimline.run(recipe, run_dir=OUT / "int8_runs" / name, force=["quant"], progress=False)
+    return slimline.run(recipe, run_dir=OUT / "int8_runs" / name, progress=False)
 
 
 def ort_static(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
@@ -149,6 +157,39 @@ def latency(paths: dict[str, Path], runs: int) -> dict[str, dict[int, float]]:
     return best
 
 
+def paired(paths: dict[str, Path], runs: int) -> dict[str, Any]:
+    """Median ms of each model and median per-run ratios, the models' runs interleaved
+    (A B C A B C ...) on one thread each: neighbours' load hits all models alike, so the ratios
+    stay meaningful on a busy machine even when the absolute times do not."""
+    import onnxruntime as ort
+
+    sessions = {}
+    for key, path in paths.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        sessions[key] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = sessions["fp32"].get_inputs()[0]
+    out: dict[str, Any] = {}
+    for batch in BATCHES:
+        x = np.random.default_rng(0).standard_normal((batch, *feed.shape[1:]), np.float32)
+        times: dict[str, list[float]] = {key: [] for key in sessions}
+        for _ in range(10):
+            for session in sessions.values():
+                session.run(None, {feed.name: x})
+        for _ in range(runs):
+            for key, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, {feed.name: x})
+                times[key].append((time.perf_counter() - start) * 1e3)
+        t = {key: np.asarray(v) for key, v in times.items()}
+        out[str(batch)] = {
+            "median_ms": {key: float(np.median(v)) for key, v in t.items()},
+            "fp32_over_ours": float(np.median(t["fp32"] / t["ours"])),
+            "ours_over_ort": float(np.median(t["ours"] / t["ort"])),
+        }
+    return out
+
+
 def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
     result = pipeline(name, config)
     directory = result.record("export_int8").directory
@@ -162,8 +203,9 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
         paths["fp32"], OUT / "int8_runs" / name / "ort_static.onnx", calibration
     )
     x, y = (t.numpy() for t in data.split("test"))
-    heavy = "32x32" in name
+    heavy = "32x32" in name  # tens of ms per batch-32 run: fewer runs
     times = latency(paths, runs=40 if heavy else 500)
+    pairs = paired(paths, runs=60 if heavy else 2000)
     kernels = {}
     for key in ("ours", "ort"):
         ops = ort_optimized_op_counts(paths[key])
@@ -175,6 +217,7 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
     return {
         "config": config,
         "latency_ms": times,
+        "paired": pairs,
         "accuracy": {key: accuracy(path, x, y) for key, path in paths.items()},
         "bytes": {key: path.stat().st_size for key, path in paths.items()},
         "kernels": kernels,
@@ -193,6 +236,7 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
         t = r["latency_ms"]
         for b in BATCHES:
             fp32, ours, ort = t["fp32"][b], t["ours"][b], t["ort"][b]
+            pair = r["paired"][str(b)]
             speed_rows.append(
                 [
                     name,
@@ -202,6 +246,8 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
                     f"{fp32 / ours:.2f}x",
                     round(ort, 4),
                     f"{ours / ort:.2f}",
+                    f"{pair['fp32_over_ours']:.2f}x",
+                    f"{pair['ours_over_ort']:.2f}",
                 ]
             )
         a = r["accuracy"]
@@ -224,7 +270,9 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
     return "\n\n".join(
         [
             f"## int8 QDQ latency (onnxruntime CPU, 1 thread, median ms, lowest of {ROUNDS} "
-            "interleaved rounds; measured under load)",
+            "interleaved rounds; measured under load)\n\nms columns: `profile_onnx`. Paired "
+            "columns: median of per-run ratios with the three models' runs interleaved "
+            "(A B C A B C ...), so the neighbours' load hits all three alike.",
             markdown_table(
                 [
                     "config",
@@ -234,6 +282,8 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
                     "fp32/ours",
                     "ORT static int8",
                     "ours/ORT",
+                    "paired fp32/ours",
+                    "paired ours/ORT",
                 ],
                 speed_rows,
             ),

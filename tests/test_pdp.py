@@ -94,7 +94,7 @@ def test_prune_pdp_stage_keeps_masks_downstream(tmp_path: Path, tiny_recipe) -> 
             "uses": "prune.pdp",
             "with": {
                 "sparsity": 0.8,
-                "epochs": 2,
+                "epochs": 3,
                 "warmup_epochs": 1,
                 "epsilon": 0.8,
                 "distill": True,

@@ -183,12 +183,24 @@ def test_int8_deploy_recipe_runs_tiny(tmp_path) -> None:
             stage["with"] = {"epochs": 2, "lr": 1e-2}
         if stage["uses"] == "profile.latency":
             stage["with"] = {"batch_sizes": [1], "runs": 3, "warmup": 1}
+        if stage["uses"] == "export.ort_quantize":
+            stage["with"]["calibration_samples"] = 64
     result = slimline.run(recipe, run_dir=tmp_path, progress=False)
     export = result.record("export_int8").metrics
     assert export["format"] == "int8" and export["top1_agreement"] >= 0.98
     assert export["ort_int8_ops"] and not export["ort_float_ops"]
     assert export["onnx_bytes"] < result.record("export_fp32").metrics["onnx_bytes"]
     assert result.record("quant").metrics["folded_batchnorm"] == 9
-    evaluation = result.record("eval_int8").metrics
-    assert evaluation["reference"] == "train" and evaluation["agreement"] >= 0.95
-    assert result.record("profile_int8").metrics["median_ms"] > 0
+    torch_int8 = result.record("eval_int8_torch").metrics
+    assert torch_int8["reference"] == "train" and torch_int8["agreement"] >= 0.95
+    onnx_int8 = result.record("eval_int8_onnx").metrics
+    assert onnx_int8["backend"] == "onnx" and onnx_int8["agreement"] >= 0.95
+    assert abs(onnx_int8["accuracy"] - torch_int8["accuracy"]) <= 0.01
+    for profile in ("profile_fp32", "profile_int8", "profile_ort_int8"):
+        assert result.record(profile).metrics["median_ms"] > 0
+    # The quantized artifact reloads from disk (BN folded, hooks re-attached) and scores exactly
+    # what the in-memory fake-quant model scored.
+    reloaded = result.artifact("quant").model
+    x, y = load_dataset("digits").split("test")
+    with torch.no_grad():
+        assert float((reloaded(x).argmax(1) == y).float().mean()) == torch_int8["accuracy"]

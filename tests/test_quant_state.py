@@ -213,13 +213,8 @@ def test_artifact_save_load_reinstalls_fake_quant(quantized_mlp, tmp_path: Path)
     assert quantization_of(loaded.model).activations == state.activations
 
 
-@pytest.mark.xfail(
-    raises=AttributeError,
-    strict=False,
-    reason="slimline/structure.py apply_structure reads .requires_grad of the "
-    "None bias of a bias-less conv; needs a one-line fix there",
-)
 def test_artifact_reload_of_bn_folded_resnet(tmp_path: Path) -> None:
+    """Folding gives bias-less convs a bias and turns BNs into Identity: both must replay."""
     model = _trained_like_resnet()
     state = quantize_rtn(model, torch.randn(32, 1, 8, 8)).state
     artifact = Artifact(
