@@ -28,7 +28,8 @@ def write_report(result: RunResult) -> tuple[Path, Path]:
               "whose top-1 class matches the parent model's; latency is the onnxruntime median at "
               "the first profiled batch size.", ""]
     if points:
-        lines += ["## Models", "", "| model (stage) | accuracy | latency (ms) | ONNX size |",
+        lines += ["## Models", "", "| model → exported file (stages) | accuracy | latency (ms) | "
+                  "ONNX size |",
                   "|---|---|---|---|"]
         lines += [f"| {p['model']} | {_pct(p.get('accuracy'))} | {_num(p.get('latency_ms'))} | "
                   f"{_size(p.get('onnx_bytes'))} |" for p in points]
@@ -48,21 +49,37 @@ def write_report(result: RunResult) -> tuple[Path, Path]:
 
 
 def model_points(records: list[StageRecord]) -> list[dict[str, Any]]:
-    """Join eval and profile metrics per model (the stage output whose weights they measured)."""
-    by_model: dict[str, dict[str, Any]] = {}
+    """One point per deployable: each exported ONNX file (latency from the profiles of that file,
+    accuracy from an onnxruntime eval of it, else from the PyTorch eval of the model it holds),
+    plus models that were evaluated but never exported."""
+    torch_accuracy: dict[str, float] = {}
+    points: dict[str, dict[str, Any]] = {}
     for record in records:
-        if record.model_id is None or not record.metrics:
+        metrics, source = record.metrics, record.onnx_source
+        if not metrics or record.model_id is None:
             continue
-        point = by_model.setdefault(record.model_id, {"model": record.model_id})
-        metrics = record.metrics
         if record.uses == "eval" and metrics.get("split") == "test":
-            point["accuracy"] = metrics["accuracy"]
-        if "median_ms" in metrics:
-            point["latency_ms"], point["p90_ms"] = metrics["median_ms"], metrics["p90_ms"]
-        if "onnx_bytes" in metrics:
-            point["onnx_bytes"] = metrics["onnx_bytes"]
-        point["nonzero_parameters"] = metrics.get("nonzero_parameters")
-    return [p for p in by_model.values() if "accuracy" in p or "latency_ms" in p]
+            if metrics.get("backend") == "onnx" and source:
+                points.setdefault(source, {})["onnx_accuracy"] = metrics["accuracy"]
+            else:
+                torch_accuracy[record.model_id] = metrics["accuracy"]
+        if source:
+            point = points.setdefault(source, {})
+            point["model_id"] = record.model_id
+            if "median_ms" in metrics:
+                point["latency_ms"], point["p90_ms"] = metrics["median_ms"], metrics["p90_ms"]
+            if "onnx_bytes" in metrics:
+                point["onnx_bytes"] = metrics["onnx_bytes"]
+    result = []
+    for source, point in points.items():
+        accuracy = point.pop("onnx_accuracy", torch_accuracy.get(point.get("model_id", "")))
+        label = f"{point.get('model_id')} → {source}"
+        result.append({"model": label, **({"accuracy": accuracy} if accuracy is not None else {}),
+                       **point})
+    exported = {p.get("model_id") for p in points.values()}
+    result += [{"model": model_id, "accuracy": accuracy}
+               for model_id, accuracy in torch_accuracy.items() if model_id not in exported]
+    return [p for p in result if "accuracy" in p or "latency_ms" in p]
 
 
 def plot_accuracy_latency(points: list[dict[str, Any]], path: Path) -> Path:

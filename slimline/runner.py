@@ -61,6 +61,7 @@ class StageRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     model_id: str | None = None
     parent_model_id: str | None = None
+    onnx_source: str | None = None  # the stage whose ONNX file this output measured or carries
 
 
 @dataclass
@@ -215,6 +216,7 @@ def _execute(plan: Plan, result: RunResult, source: Artifact, dataset: Dataset,
             meta = read_json(record.directory / "artifact.json")
             record.metrics, record.model_id = meta["metrics"], meta["model_id"]
             record.parent_model_id = meta["parent_model_id"]
+            record.onnx_source = meta["state"].get("onnx_source")
             log.info("%s %s (%s): cached", counter, stage.id, stage.spec.uses)
             continue
         log.info("%s %s (%s): running", counter, stage.id, stage.spec.uses)
@@ -247,6 +249,7 @@ def _execute(plan: Plan, result: RunResult, source: Artifact, dataset: Dataset,
         record.status, record.seconds = "ran", time.perf_counter() - started
         record.metrics = output.metrics
         record.model_id, record.parent_model_id = output.model_id, output.parent_model_id
+        record.onnx_source = output.state.get("onnx_source")
         _write_run_json(result)
         log.info("%s %s: done in %.1fs%s", counter, stage.id, record.seconds,
                  _headline(output.metrics))
@@ -288,6 +291,9 @@ def _finish_artifact(output: Artifact, first_input: Artifact, stage_id: str, use
     """Lineage and the metrics every stage output carries."""
     if output.model is not first_input.model:  # the stage made a new model: it is the parent now
         output.model_id, output.parent_model_id = stage_id, first_input.model_id
+        output.state.pop("onnx_source", None)
+    if "onnx" in output.files:  # derive() drops files, so an ONNX file here is this stage's own
+        output.state["onnx_source"] = stage_id
     total, nonzero = count_parameters(output.model)
     output.metrics.setdefault("parameters", total)
     output.metrics.setdefault("nonzero_parameters", nonzero)
@@ -320,5 +326,6 @@ def _write_run_json(result: RunResult) -> None:
         "stages": [{"id": r.id, "uses": r.uses, "key": r.key, "status": r.status,
                     "seconds": round(r.seconds, 3), "directory": r.directory.name,
                     "model_id": r.model_id, "parent_model_id": r.parent_model_id,
+                    "onnx_source": r.onnx_source,
                     "metrics": r.metrics} for r in result.records],
     })

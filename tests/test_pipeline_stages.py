@@ -38,7 +38,9 @@ def test_export_and_profile_stages(tmp_path: Path, tiny_recipe) -> None:
     assert on_onnx["backend"] == "onnx" and on_onnx["accuracy"] == on_torch["accuracy"]
     report = (tmp_path / "report.md").read_text()
     assert "| `export` | `export.onnx` | ran |" in report
-    assert re.search(r"\| prune \| \d+\.\d+% \| \d+\.\d+ \|", report)  # accuracy + latency joined
+    # accuracy (from the onnxruntime eval of that file) and latency joined per exported file
+    assert re.search(r"\| prune → export \| \d+\.\d+% \| \d+\.\d+ \|", report)
+    assert result.record("profile").onnx_source == "export"
 
 
 def test_export_failure_names_the_op_and_leaves_nothing(tmp_path: Path, tiny_recipe) -> None:
