@@ -27,3 +27,11 @@ def test_readme_opens_with_install_and_test_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _readme_commands()[1] in ci
+
+
+def test_every_registered_stage_is_documented() -> None:
+    from slimline.stage import list_stages
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [s.name for s in list_stages() if f"| `{s.name}` |" not in readme]
+    assert not missing, f"stages missing from the README's table: {missing}"
