@@ -24,7 +24,6 @@ for another model is rejected naming the layer it lacks (:meth:`LayerLatencyTabl
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .graph import atomic_write_bytes
-from .lut_manifest import LutError
+from .lut_manifest import LutError, read_json_table, write_json_file
 
 __all__ = ["LayerGrid", "LayerLatencyTable", "LutError", "grid_widths"]
 
@@ -170,16 +168,10 @@ class LayerLatencyTable:
             raise LutError(f"{source}: malformed layer latency table ({exc})") from None
 
     def save(self, path: str | os.PathLike) -> Path:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        return atomic_write_bytes(path, text.encode("utf-8"))
+        return write_json_file(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LayerLatencyTable:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise LutError(f"{path}: not a JSON layer latency table ({exc})") from None
+        data = read_json_table(path, "layer latency table")
         return cls.from_dict(data, source=str(path))

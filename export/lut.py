@@ -27,7 +27,6 @@ Blocks come as ONNX files listed in a ``manifest.json`` (written on a host with 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,11 +37,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .graph import atomic_write_bytes, graph_summary
+from .graph import graph_summary
 from .lut_manifest import (
     BlockFile,
     LutError,
+    read_json_table,
     read_manifest,
+    write_json_file,
     write_manifest,
     write_overhead_model,
 )
@@ -145,18 +146,12 @@ class LatencyTable:
             raise LutError(f"{source}: malformed latency table ({exc})") from None
 
     def save(self, path: str | os.PathLike) -> Path:
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-        return atomic_write_bytes(path, text.encode("utf-8"))
+        return write_json_file(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatencyTable:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise LutError(f"{path}: not a JSON latency table ({exc})") from None
+        data = read_json_table(path, "latency table")
         return cls.from_dict(data, source=str(path))
 
 

@@ -35,6 +35,24 @@ class LutError(ValueError):
     """A lookup table or blocks folder that cannot be used; the message says which and why."""
 
 
+def write_json_file(path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
+    """Write ``data`` as indented, key-sorted JSON (atomically) and return the path."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json_table(path: Path, what: str) -> Any:
+    """Parsed JSON of the table file ``path``; :class:`LutError` naming ``what`` (e.g.
+    ``"latency table"``) if it cannot be read or parsed. A missing file raises
+    :class:`FileNotFoundError` unchanged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise LutError(f"{path}: not a JSON {what} ({exc})") from None
+
+
 @dataclass(frozen=True)
 class BlockFile:
     """One block to time: its LUT key, ONNX file (relative to the manifest) and input shape
@@ -67,8 +85,7 @@ def write_manifest(
         "blocks": [b.to_dict() for b in blocks],
         "meta": dict(meta or {}),
     }
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    return atomic_write_bytes(Path(directory) / MANIFEST_NAME, text.encode("utf-8"))
+    return write_json_file(Path(directory) / MANIFEST_NAME, data)
 
 
 def read_manifest(directory: str | os.PathLike) -> tuple[list[BlockFile], BlockFile, dict]:

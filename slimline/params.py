@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -147,3 +148,13 @@ def check_range(key: str, value: float | None, low: float, high: float, *,
     if not ok:
         bracket = ")" if high_open else "]"
         raise ParamError(key, f"must be in [{low}, {high}{bracket}, got {value}")
+
+
+def check_regex(key: str, pattern: str | None) -> None:
+    """Raise ParamError unless ``pattern`` is None or compiles as a regular expression."""
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ParamError(key, f"invalid regular expression: {exc}") from None

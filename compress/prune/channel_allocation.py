@@ -263,6 +263,8 @@ def allocate(
         raise StructuredPruningError(f"max_group_ratio must be in (0, 1), got {max_group_ratio}")
     levels = [group_levels(g, round_to, max_group_ratio) for g in groups]
     sizes = [g.size for g in groups]
+    if ratio == 0.0:  # nothing to remove; a noisy latency table must not make this infeasible
+        return list(sizes)
     if target == "channels" and method == "uniform":
         if ratio > max_group_ratio:
             raise StructuredPruningError(

@@ -44,11 +44,13 @@ __all__ = [
     "compensate_mean",
     "PruneSite",
     "SiteSearch",
+    "SiteTotals",
     "absorb_channels",
     "channel_filters",
     "find_prune_sites",
     "remove_site_channels",
     "select_channels",
+    "site_record",
 ]
 
 Criterion = Literal["l1", "l2"]
@@ -342,3 +344,28 @@ def remove_site_channels(
             f"{site.name!r} (layers {sorted(site.modules())}): "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def site_record(site: PruneSite, filters: ChannelFilters, removed: torch.Tensor) -> dict[str, Any]:
+    """The per-site entry of a pruning result: kind, consumer, channels before/after and the
+    removed channel indices (callers add their method's own keys)."""
+    return {
+        "kind": site.kind,
+        "consumer": site.consumer,
+        "before": len(filters.scale),
+        "after": len(filters.scale) - len(removed),
+        "removed": removed.tolist(),
+    }
+
+
+class SiteTotals:
+    """Channel totals for a result dataclass whose ``sites`` maps site names to
+    :func:`site_record` entries."""
+
+    @property
+    def channels_before(self) -> int:
+        return sum(s["before"] for s in self.sites.values())
+
+    @property
+    def channels_after(self) -> int:
+        return sum(s["after"] for s in self.sites.values())

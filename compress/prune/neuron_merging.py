@@ -34,12 +34,14 @@ import torch.nn as nn
 
 from compress.prune.datafree_sites import (
     ChannelFilters,
+    SiteTotals,
     absorb_channels,
     channel_filters,
     compensate_mean,
     find_prune_sites,
     remove_site_channels,
     select_channels,
+    site_record,
 )
 from compress.prune.layer_chains import forward_layer_order
 
@@ -87,19 +89,11 @@ def merge_scales(
 
 
 @dataclass
-class DataFreePruneResult:
+class DataFreePruneResult(SiteTotals):
     """Per site: channels before/after, the consumer, how many pruned channels were merged."""
 
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def channels_before(self) -> int:
-        return sum(s["before"] for s in self.sites.values())
-
-    @property
-    def channels_after(self) -> int:
-        return sum(s["after"] for s in self.sites.values())
 
 
 @torch.no_grad()
@@ -149,12 +143,5 @@ def prune_sites(
             compensate_mean(model, site, removed, scales)
         merged = int((scales != 0).any(1).sum())
         remove_site_channels(search, site, removed, masks)
-        result.sites[site.name] = {
-            "kind": site.kind,
-            "consumer": site.consumer,
-            "before": len(filters.scale),
-            "after": len(filters.scale) - len(removed),
-            "removed": removed.tolist(),
-            "merged": merged,
-        }
+        result.sites[site.name] = {**site_record(site, filters, removed), "merged": merged}
     return result

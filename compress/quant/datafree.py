@@ -29,7 +29,12 @@ from compress.quant.bn_statistics import (
 )
 from compress.quant.fold import conv_bn_pairs, fold_batchnorm
 from compress.quant.placement import ActivationPlan, plan_activation_points
-from compress.quant.rtn import MinMaxObserver, bias_spec, quantizable_modules, weight_spec_rtn
+from compress.quant.rtn import (
+    MinMaxObserver,
+    add_bias_specs,
+    quantization_targets,
+    weight_spec_rtn,
+)
 from compress.quant.spec import QuantSpec, affine_spec
 from compress.quant.state import QuantState, TensorPoint, attach_quantization
 
@@ -123,13 +128,7 @@ def quantize_datafree(
     if absorb_high_bias:
         report["absorbed"] = dfq.absorb_high_biases(model, chains, stats)
 
-    every = quantizable_modules(model)
-    targets = quantizable_modules(model, skip)
-    if not targets:
-        raise ValueError(
-            f"no Conv/Linear layer to quantize (skip={skip!r} matches all of "
-            f"{', '.join(every) or 'none'})"
-        )
+    every, targets = quantization_targets(model, skip)
     plan = plan_activation_points(model, targets)
     node_stats = propagate_stats(model, stats, sigmas=range_sigmas, input_std=input_std)
     float_weights = {name: module.weight.detach().clone() for name, module in targets.items()}
@@ -159,13 +158,7 @@ def quantize_datafree(
             activation_signed,
             symmetric_activations,
         )
-    for name, module in targets.items():
-        point = plan.module_inputs.get(name)
-        if module.bias is None or point is None or point.key not in activations:
-            continue
-        weights[f"{name}.bias"] = bias_spec(
-            activations[point.key], weights[f"{name}.weight"], module.bias, name
-        )
+    add_bias_specs(weights, activations, targets, plan)
     ranges = "bn statistics" if calibration is None else "calibration"
     state = QuantState(
         weights=weights,

@@ -121,13 +121,7 @@ def quantize_rtn(
         raise ValueError(f"activation_bits must be 8 (int8 kernels), got {activation_bits}")
     model.eval()
     folded = fold_batchnorm(model) if fold_bn else []
-    every = quantizable_modules(model)
-    targets = quantizable_modules(model, skip)
-    if not targets:
-        raise ValueError(
-            f"no Conv/Linear layer to quantize (skip={skip!r} matches all of "
-            f"{', '.join(every) or 'none'})"
-        )
+    every, targets = quantization_targets(model, skip)
     plan = plan_activation_points(model, targets)
 
     weights = {
@@ -146,13 +140,7 @@ def quantize_rtn(
     }
     unobserved = [key for key, obs in observers.items() if not obs.count]
 
-    for name, module in targets.items():
-        point = plan.module_inputs.get(name)
-        if module.bias is None or point is None or point.key not in activations:
-            continue
-        weights[f"{name}.bias"] = bias_spec(
-            activations[point.key], weights[f"{name}.weight"], module.bias, name
-        )
+    add_bias_specs(weights, activations, targets, plan)
     state = QuantState(
         weights=weights,
         activations=activations,
@@ -180,6 +168,38 @@ def quantize_rtn(
         plan=plan,
         unobserved=unobserved,
     )
+
+
+def quantization_targets(
+    model: nn.Module, skip: str | None
+) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """``(every, targets)``: all Conv/Linear modules and those not matching ``skip``; raises
+    ValueError when ``skip`` leaves nothing to quantize."""
+    every = quantizable_modules(model)
+    targets = quantizable_modules(model, skip)
+    if not targets:
+        raise ValueError(
+            f"no Conv/Linear layer to quantize (skip={skip!r} matches all of "
+            f"{', '.join(every) or 'none'})"
+        )
+    return every, targets
+
+
+def add_bias_specs(
+    weights: dict[str, QuantSpec],
+    activations: dict[str, QuantSpec],
+    targets: dict[str, nn.Module],
+    plan: ActivationPlan,
+) -> None:
+    """Add ``{name}.bias`` int32 specs to ``weights`` for every target layer with a bias whose
+    input point has an activation spec (see :func:`bias_spec`)."""
+    for name, module in targets.items():
+        point = plan.module_inputs.get(name)
+        if module.bias is None or point is None or point.key not in activations:
+            continue
+        weights[f"{name}.bias"] = bias_spec(
+            activations[point.key], weights[f"{name}.weight"], module.bias, name
+        )
 
 
 def bias_spec(

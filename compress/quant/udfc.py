@@ -53,12 +53,14 @@ import torch.nn as nn
 
 from compress.prune.datafree_sites import (
     ChannelFilters,
+    SiteTotals,
     absorb_channels,
     channel_filters,
     compensate_mean,
     find_prune_sites,
     remove_site_channels,
     select_channels,
+    site_record,
 )
 from compress.prune.layer_chains import LayerChain, find_layer_chains, forward_layer_order
 from compress.quant.datafree import DataFreeResult, quantize_datafree, weight_spec
@@ -148,7 +150,7 @@ def quantization_scales(
 
 
 @dataclass
-class UDFCResult:
+class UDFCResult(SiteTotals):
     """What :func:`udfc_compress` did; ``quant`` is ``None`` when it only pruned."""
 
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> channels, scales
@@ -156,14 +158,6 @@ class UDFCResult:
     skipped: dict[str, str] = field(default_factory=dict)
     quant: DataFreeResult | None = None
     seconds: float = 0.0
-
-    @property
-    def channels_before(self) -> int:
-        return sum(s["before"] for s in self.sites.values())
-
-    @property
-    def channels_after(self) -> int:
-        return sum(s["after"] for s in self.sites.values())
 
 
 @torch.no_grad()
@@ -235,11 +229,7 @@ def udfc_compress(
                 compensate_mean(model, site, removed, scales)
             remove_site_channels(search, site, removed, masks)
             result.sites[site.name] = {
-                "kind": site.kind,
-                "consumer": site.consumer,
-                "before": len(filters.scale),
-                "after": len(filters.scale) - len(removed),
-                "removed": removed.tolist(),
+                **site_record(site, filters, removed),
                 "max_abs_scale": float(scales.abs().max()) if scales.numel() else 0.0,
             }
         chain = chains.get(name)

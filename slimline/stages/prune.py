@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 from compress.prune import layer_sparsity, magnitude_masks, prunable_weights
 from compress.prune.magnitude import apply_masks
 from slimline.artifact import Artifact
-from slimline.params import ParamError, check_range, param
+from slimline.params import check_range, check_regex, param
 from slimline.stage import StageContext, register_stage
 
 
@@ -23,13 +22,8 @@ class MagnitudePruneParams:
 
     def __post_init__(self) -> None:
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
-        for key in ("include", "exclude"):
-            pattern = getattr(self, key)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ParamError(key, f"invalid regular expression: {exc}") from None
+        check_regex("include", self.include)
+        check_regex("exclude", self.exclude)
 
 
 @register_stage("prune.magnitude", MagnitudePruneParams)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 from compress.prune.magnitude import apply_masks, layer_sparsity
 from compress.prune.nm import NMError, nm_masks
 from slimline.artifact import Artifact
-from slimline.params import ParamError, param
+from slimline.params import ParamError, check_regex, param
 from slimline.stage import StageContext, register_stage
 
 
@@ -28,13 +27,8 @@ class NMPruneParams:
             raise ParamError("m", f"must be at least 2, got {self.m}")
         if not 1 <= self.n < self.m:
             raise ParamError("n", f"must be in [1, m) = [1, {self.m}), got {self.n}")
-        for key in ("include", "exclude"):
-            pattern = getattr(self, key)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ParamError(key, f"invalid regular expression: {exc}") from None
+        check_regex("include", self.include)
+        check_regex("exclude", self.exclude)
 
 
 @register_stage("prune.nm", NMPruneParams)

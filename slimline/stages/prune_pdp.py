@@ -7,7 +7,6 @@ runs unchanged under ``torchrun`` because :func:`slimline.training.fit` shards t
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +18,7 @@ from compress.prune.pdp import PDPPruner
 from search.distill_losses import distillation_loss_fn
 from slimline.artifact import Artifact
 from slimline.data import Dataset
-from slimline.params import ParamError, check_range, param
+from slimline.params import ParamError, check_range, check_regex, param
 from slimline.progress import Progress
 from slimline.stage import StageContext, register_stage
 from slimline.training import TrainingDiverged, TrainParams, fit
@@ -63,13 +62,8 @@ class PDPParams:
             raise ParamError("hard_epochs", "must leave at least one soft-mask epoch")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ParamError("warmup_epochs", f"must be in [0, epochs={self.epochs})")
-        for key in ("include", "exclude"):
-            pattern = getattr(self, key)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ParamError(key, f"invalid regular expression: {exc}") from None
+        check_regex("include", self.include)
+        check_regex("exclude", self.exclude)
 
 
 def train_pdp(

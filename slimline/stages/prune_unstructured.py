@@ -3,7 +3,6 @@ Xu et al.'s rate-distortion DP, data-free by default)."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +33,7 @@ from compress.prune.rate_distortion import rd_allocation
 from slimline.artifact import Artifact
 from slimline.evaluation import predict
 from slimline.io import atomic_path, write_json
-from slimline.params import ParamError, check_range, param
+from slimline.params import ParamError, check_range, check_regex, param
 from slimline.stage import StageContext, register_stage
 
 DEFAULT_MODULES = [{"name": r.name, "regex": r.regex} for r in VIT_MODULES]
@@ -87,13 +86,8 @@ class UnstructuredPruneParams:
 
     def __post_init__(self) -> None:
         check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
-        for key in ("include", "exclude"):
-            pattern = getattr(self, key)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ParamError(key, f"invalid regular expression: {exc}") from None
+        check_regex("include", self.include)
+        check_regex("exclude", self.exclude)
         if self.samples < 1:
             raise ParamError("samples", f"must be at least 1, got {self.samples}")
         if self.distortion_data in ("bn", "auto") and self.samples < 2:
