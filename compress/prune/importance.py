@@ -78,7 +78,8 @@ class Importance:
         return {name: self.score_tensor(w) for name, w in weights.items()}
 
     def score_tensor(self, weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-weight scores of one tensor; a subclass overrides this or :meth:`score`."""
+        raise TypeError(f"{type(self).__name__} overrides neither score_tensor nor score")
 
 
 class MagnitudeImportance(Importance):
