@@ -24,15 +24,13 @@ for another model is rejected naming the layer it lacks (:meth:`LayerLatencyTabl
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .lut_manifest import LutError, read_json_table, write_json_file
+from .lut_manifest import JsonTableFile, LutError
 
 __all__ = ["LayerGrid", "LayerLatencyTable", "LutError", "grid_widths"]
 
@@ -93,8 +91,10 @@ class LayerGrid:
 
 
 @dataclass
-class LayerLatencyTable:
+class LayerLatencyTable(JsonTableFile):
     """Per-layer latency grids of one model on one machine; see the module docstring."""
+    table_kind: ClassVar[str] = "layer latency table"
+
 
     layers: dict[str, LayerGrid]
     overhead_ms: float
@@ -167,11 +167,3 @@ class LayerLatencyTable:
         except (KeyError, TypeError) as exc:
             raise LutError(f"{source}: malformed layer latency table ({exc})") from None
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json_file(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> LayerLatencyTable:
-        path = Path(path)
-        data = read_json_table(path, "layer latency table")
-        return cls.from_dict(data, source=str(path))

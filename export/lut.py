@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnxruntime as ort
@@ -40,10 +40,9 @@ import onnxruntime as ort
 from .graph import graph_summary
 from .lut_manifest import (
     BlockFile,
+    JsonTableFile,
     LutError,
-    read_json_table,
     read_manifest,
-    write_json_file,
     write_manifest,
     write_overhead_model,
 )
@@ -81,7 +80,8 @@ class LutEntry:
 
 
 @dataclass
-class LatencyTable:
+class LatencyTable(JsonTableFile):
+    table_kind: ClassVar[str] = "latency table"
     entries: dict[str, LutEntry]
     overhead_ms: float
     batch_size: int
@@ -145,14 +145,6 @@ class LatencyTable:
         except (KeyError, TypeError) as exc:
             raise LutError(f"{source}: malformed latency table ({exc})") from None
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json_file(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> LatencyTable:
-        path = Path(path)
-        data = read_json_table(path, "latency table")
-        return cls.from_dict(data, source=str(path))
 
 
 # --- measuring -------------------------------------------------------------------------------

@@ -53,6 +53,22 @@ def read_json_table(path: Path, what: str) -> Any:
         raise LutError(f"{path}: not a JSON {what} ({exc})") from None
 
 
+class JsonTableFile:
+    """``save``/``load`` for a table class with ``to_dict()`` and ``from_dict(data, source=)``;
+    ``table_kind`` names it in errors (e.g. ``"latency table"``)."""
+
+    table_kind = "table"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json_file(path, self.to_dict())  # type: ignore[attr-defined]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Any:
+        path = Path(path)
+        data = read_json_table(path, cls.table_kind)
+        return cls.from_dict(data, source=str(path))  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class BlockFile:
     """One block to time: its LUT key, ONNX file (relative to the manifest) and input shape

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from slimline.models import register_model
+from slimline.models.resnet import BasicBlock
 
 
 class FlexStem(nn.Module):
@@ -30,32 +31,9 @@ class FlexStem(nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
-class FlexBlock(nn.Module):
-    """BasicBlock with a ``kernel`` x ``kernel`` conv pair, residual add, and a 1x1 conv+BN
-    shortcut when the shape changes (same layout as :class:`slimline.models.resnet.BasicBlock`)."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel: int = 3):
-        super().__init__()
-        if kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"kernel must be odd (same padding), got {kernel}")
-        padding = kernel // 2
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel, 1, padding, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.relu1 = nn.ReLU()
-        self.relu2 = nn.ReLU()
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+# The search space's block is the zoo ResNet's BasicBlock (with a kernel size): one definition,
+# so a searched architecture and the reference ResNet share layer names and behaviour.
+FlexBlock = BasicBlock
 
 
 class FlexHead(nn.Module):

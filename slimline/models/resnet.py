@@ -11,13 +11,17 @@ from slimline.models import register_model
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv+BN layers with a residual add; a 1x1 conv+BN shortcut when the shape changes."""
+    """Two conv+BN layers (3x3 by default) with a residual add; a 1x1 conv+BN shortcut when the
+    shape changes. ``kernel`` serves the search space's ``resnet_flex`` family."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd (same padding), got {kernel}")
+        padding = kernel // 2
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel, 1, padding, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         # Separate, out-of-place ReLUs: hooks and quantization observers see each activation once,
         # and a hook that keeps a BN output does not see it rewritten by the ReLU.
