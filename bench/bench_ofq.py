@@ -1,23 +1,28 @@
 """Low-bit ViT QAT on digits: LSQ vs StatsQ vs StatsQ+CGA vs StatsQ+CGA+QKR.
 
-    python bench/bench_ofq.py [--bits 2 3 4] [--seeds 0] [--pretrain 8] [--epochs 6]
+    python bench/bench_ofq.py [--bits 2 3 4] [--seeds 0 1 2] [--pretrain 8] [--epochs 6]
+    # seeds in parallel processes, then one table:
+    python bench/bench_ofq.py --seeds 1 --name ofq_seed1   (etc.)
+    python bench/bench_ofq.py --merge ofq_seed0 ofq_seed1 ofq_seed2
 
-All methods start from the same float ViT; W{b}A{b} with LSQ activations; reported: test
-accuracy of the final (grid) model and the final share of oscillating weights (Nagel et al.'s
-moving frequency, momentum 0.05 ≈ one epoch, above 0.02) at the end; the per-epoch shares are in
-the JSON (the cosine schedule drives every method towards zero at the very end). Writes bench/out/ofq.json + ofq.md.
+All methods start from the same float ViT; W{b}A{b} with LSQ activations; reported (mean ± std
+over seeds): test accuracy of the final (grid) model, the share of oscillating weights (Nagel et
+al.'s moving frequency, momentum 0.05 ≈ one epoch, above 0.02) at the end, and its mean over the
+QAT epochs (the cosine schedule drives every method towards zero at the very end, so the final
+figure alone says little); per-epoch shares are in the JSON. Writes bench/out/<name>.json + .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 
 import torch
 
-from bench.common import markdown_table, save
+from bench.common import OUT, markdown_table, save
 from slimline.data import load_dataset
 from slimline.evaluation import accuracy, predict
 from slimline.models import build_model
@@ -32,14 +37,58 @@ METHODS = {
 }
 
 
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
+    mean = scale * statistics.mean(values)
+    spread = scale * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+
+def table(args: dict, results: list[dict]) -> str:
+    """Markdown: one row per (bits, method), mean ± std over the seeds present."""
+    rows = []
+    for bits in sorted({r["bits"] for r in results}):
+        for method in METHODS:
+            chosen = [r for r in results if r["bits"] == bits and r["method"] == method]
+            if not chosen:
+                continue
+            rows.append([
+                f"W{bits}A{bits}", method, _mean_std([r["accuracy"] for r in chosen]),
+                _mean_std([r["oscillation_share"] for r in chosen], 100, 2) + "%",
+                _mean_std([statistics.mean(r["oscillation_per_epoch"]) for r in chosen], 100, 2)
+                + "%",
+            ])
+    seeds = sorted({r["seed"] for r in results})
+    floats = [statistics.mean(r["float_accuracy"] for r in results if r["seed"] == s)
+              for s in seeds]
+    header = (
+        f"ViT (dim 64, depth 4) on digits, seeds {seeds}, float pretrain {args['pretrain']} "
+        f"epochs (float test acc {statistics.mean(floats):.4f}), QAT {args['epochs']} epochs "
+        f"(CGA: last {args['cga_epochs']}, frozen set re-chosen every step).\n\n"
+    )
+    return header + markdown_table(
+        ["bits", "method", "test accuracy", "oscillating at end", "oscillating, mean over epochs"],
+        rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pretrain", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--cga-epochs", type=int, default=2)
+    parser.add_argument("--name", default="ofq", help="output name under bench/out")
+    parser.add_argument("--merge", nargs="+", metavar="NAME",
+                        help="only combine earlier outputs (e.g. one per seed) into --name")
     args = parser.parse_args()
+    if args.merge:
+        parts = [json.loads((OUT / f"{name}.json").read_text()) for name in args.merge]
+        results = [r for part in parts for r in part["results"]]
+        settings = {k: v for k, v in parts[0]["args"].items() if k not in ("seeds", "name")}
+        settings["seeds"] = sorted({r["seed"] for r in results})
+        save(args.name, {"args": settings, "merged": args.merge, "results": results},
+             table(settings, results))
+        return
     torch.set_num_threads(1)
     data = load_dataset("digits")
     results: list[dict] = []
@@ -70,29 +119,13 @@ def main() -> None:
                         "accuracy": accuracy(predict(model, data.x_test), data.y_test),
                         "oscillation_share": history[-1]["oscillation_share"],
                         "oscillation_per_epoch": [r["oscillation_share"] for r in history],
+                        "frozen_share_per_epoch": [r.get("frozen_share") for r in history],
                         "seconds": time.perf_counter() - start,
                     }
                 )
                 print(results[-1], flush=True)
-    rows = []
-    for bits in args.bits:
-        for method in METHODS:
-            chosen = [r for r in results if r["bits"] == bits and r["method"] == method]
-            rows.append(
-                [
-                    f"W{bits}A{bits}",
-                    method,
-                    statistics.mean(r["accuracy"] for r in chosen),
-                    f"{100 * statistics.mean(r['oscillation_share'] for r in chosen):.2f}%",
-                ]
-            )
-    table = markdown_table(["bits", "method", "test accuracy", "oscillating weights"], rows)
-    header = (
-        f"ViT (dim 64, depth 4) on digits, seeds {args.seeds}, float pretrain "
-        f"{args.pretrain} epochs (test acc {results[0]['float_accuracy']:.4f}), QAT "
-        f"{args.epochs} epochs (CGA: last {args.cga_epochs}).\n\n"
-    )
-    save("ofq", {"args": vars(args), "results": results}, header + table)
+    settings = {k: v for k, v in vars(args).items() if k not in ("merge", "name")}
+    save(args.name, {"args": settings, "results": results}, table(settings, results))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """PDP vs gradual magnitude pruning vs one-shot magnitude + fine-tune, at equal epochs.
 
-    python bench/bench_pdp.py [--seeds 0 1 2] [--pretrain 10] [--epochs 10]
+    python bench/bench_pdp.py [--seeds 0 1 2] [--pretrain 10] [--epochs 10] [--taus 0.05 0.1 0.2 0.4]
 
 Every method starts from the same dense model (trained ``--pretrain`` epochs) and trains
 ``--epochs`` more with the same optimizer and schedule; reported: test accuracy after the hard
-masks. Writes bench/out/pdp.json + pdp.md.
+masks. PDP runs once per ``--taus`` value; the τ with the best mean *validation* accuracy over
+all setups, targets and seeds is chosen and only its test accuracy goes into the main table (the
+test split plays no part in the choice). Writes bench/out/pdp.json + pdp.md.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ def one_shot(model, data, target: str, epochs: int, seed: int) -> None:
     fit(model, data, TrainParams(epochs=epochs, lr=2e-3), masks=masks, seed=seed)
 
 
-def pdp(model, data, target: str, epochs: int, warmup: int, seed: int) -> None:
+def pdp(model, data, target: str, epochs: int, warmup: int, seed: int, tau: float) -> None:
     if target == "2:4":
-        p = PDPParams(method="nm", n=2, m=4, epochs=epochs, warmup_epochs=warmup, tau=0.2)
+        p = PDPParams(method="nm", n=2, m=4, epochs=epochs, warmup_epochs=warmup, tau=tau)
     else:
         sparsity = float(target)
         p = PDPParams(
@@ -72,9 +74,22 @@ def pdp(model, data, target: str, epochs: int, warmup: int, seed: int) -> None:
             epochs=epochs,
             warmup_epochs=warmup,
             epsilon=sparsity / RAMP_EPOCHS,
-            tau=0.2,
+            tau=tau,
         )
     train_pdp(model, data, p, seed=seed)
+
+
+METHODS = ("pdp", "gradual_magnitude", "one_shot_finetune")
+
+
+def _runs(args: argparse.Namespace) -> list[tuple[str, float | None]]:
+    return [("pdp", tau) for tau in args.taus] + [
+        (m, None) for m in METHODS if m != "pdp"]
+
+
+def _cell(accs: list[float]) -> str:
+    spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
+    return f"{statistics.mean(accs):.4f}{spread}"
 
 
 def main() -> None:
@@ -83,6 +98,8 @@ def main() -> None:
     parser.add_argument("--pretrain", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.2],
+                        help="PDP temperatures to try; chosen on the validation split")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results: list[dict] = []
@@ -101,12 +118,12 @@ def main() -> None:
             fit(dense, data, TrainParams(epochs=args.pretrain), seed=seed)
             dense_acc = accuracy(predict(dense, data.x_test), data.y_test)
             for target in TARGETS:
-                for method in ("pdp", "gradual_magnitude", "one_shot_finetune"):
+                for method, tau in _runs(args):
                     model = copy.deepcopy(dense)
                     torch.manual_seed(seed)
                     start = time.perf_counter()
                     if method == "pdp":
-                        pdp(model, data, target, args.epochs, args.warmup, seed)
+                        pdp(model, data, target, args.epochs, args.warmup, seed, tau)
                     elif method == "gradual_magnitude":
                         gradual_magnitude(model, data, target, args.epochs, args.warmup, seed)
                     else:
@@ -118,33 +135,51 @@ def main() -> None:
                             "seed": seed,
                             "target": target,
                             "method": method,
+                            "tau": tau,
                             "dense_accuracy": dense_acc,
+                            "val_accuracy": accuracy(predict(model, data.x_val), data.y_val),
                             "accuracy": accuracy(predict(model, data.x_test), data.y_test),
                             "seconds": time.perf_counter() - start,
                         }
                     )
                     print(results[-1], flush=True)
+    pdp_runs = [r for r in results if r["method"] == "pdp"]
+    mean_val = {tau: statistics.mean(r["val_accuracy"] for r in pdp_runs if r["tau"] == tau)
+                for tau in args.taus}
+    chosen = max(args.taus, key=lambda tau: (mean_val[tau], -abs(tau - 0.2)))
     rows = []
     for model_name, data_name, _ in SETUPS:
         for target in TARGETS:
             row: list = [f"{model_name}/{data_name}", target]
-            for method in ("pdp", "gradual_magnitude", "one_shot_finetune"):
-                accs = [
-                    r["accuracy"]
-                    for r in results
-                    if r["model"] == model_name and r["target"] == target and r["method"] == method
-                ]
-                spread = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
-                row.append(f"{statistics.mean(accs):.4f}{spread}")
+            for method in METHODS:
+                row.append(_cell([
+                    r["accuracy"] for r in results
+                    if r["model"] == model_name and r["target"] == target
+                    and r["method"] == method and r["tau"] in (None, chosen)]))
             rows.append(row)
     table = markdown_table(
-        ["model/data", "target", "PDP", "gradual magnitude", "one-shot + fine-tune"], rows
+        ["model/data", "target", f"PDP (τ={chosen:g})", "gradual magnitude",
+         "one-shot + fine-tune"], rows
     )
+    sweep_rows = []
+    for tau in args.taus:
+        chosen_runs = [r for r in pdp_runs if r["tau"] == tau]
+        sweep_rows.append([
+            f"{tau:g}" + (" (chosen)" if tau == chosen else ""), f"{mean_val[tau]:.4f}",
+            *(f"{statistics.mean(r['val_accuracy'] for r in chosen_runs if r['model'] == m):.4f}"
+              for m, _, _ in SETUPS),
+            f"{statistics.mean(r['accuracy'] for r in chosen_runs):.4f}"])
+    sweep = markdown_table(
+        ["τ", "val acc (all)", *(f"val acc {m}/{d}" for m, d, _ in SETUPS),
+         "test acc (all, not used to choose)"], sweep_rows)
     header = (
         f"Test accuracy, seeds {args.seeds}, dense pretrain {args.pretrain} epochs, then "
-        f"{args.epochs} epochs per method (warm-up {args.warmup}).\n\n"
+        f"{args.epochs} epochs per method (warm-up {args.warmup}). PDP's τ chosen among "
+        f"{args.taus} by mean validation accuracy over every setup, target and seed.\n\n"
     )
-    save("pdp", {"args": vars(args), "results": results}, header + table)
+    save("pdp", {"args": vars(args), "chosen_tau": chosen, "mean_val_by_tau": mean_val,
+                 "results": results},
+         header + table + "\n\nτ sweep (PDP, mean over setups, targets and seeds):\n\n" + sweep)
 
 
 if __name__ == "__main__":

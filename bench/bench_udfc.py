@@ -7,6 +7,12 @@ No method sees data: activation ranges come from BatchNorm statistics, example i
 random. Test data is used only to *score* the results: top-1 accuracy, and the relative error
 of each prune site's next-layer output (one site pruned at a time, float weights) with and
 without repair. The zoo's ResNet is 2-D, so the MNIST-1D model is the zoo's ``cnn1d``, widened.
+
+Every method removes the same channels (ranked on the trained model,
+:func:`~compress.prune.neuron_merging.select_site_channels`) and gets the same weight grids.
+One diagnostic is *not* data-free and is no method: "LS on data" fits each pruned channel's
+post-ReLU activation as a linear combination of the kept ones on 512 training inputs (the
+least-squares ``s`` UDFC's assumption asks for), an upper bound for any data-free ``s``.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ import torch.nn as nn
 import slimline
 from bench.common import OUT, markdown_table, save
 from compress.prune.datafree_sites import (
+    PruneSite,
     absorb_channels,
     channel_filters,
     find_prune_sites,
     remove_site_channels,
     select_channels,
 )
-from compress.prune.neuron_merging import merge_scales, prune_sites
+from compress.prune.layer_chains import forward_layer_order
+from compress.prune.neuron_merging import merge_scales, prune_sites, select_site_channels
 from compress.quant.datafree import quantize_datafree
 from compress.quant.udfc import pruning_scales, udfc_compress
 from slimline.evaluation import accuracy, predict
@@ -84,6 +92,69 @@ def site_errors(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, fl
     return {method: statistics.mean(values) for method, values in errors.items() if values}
 
 
+def _site_activations(model: nn.Module, site: PruneSite, x: torch.Tensor) -> torch.Tensor:
+    """(channels, samples) of the site's post-activation output on ``x`` (float64)."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_submodule(site.chains[-1].activation).register_forward_hook(
+        lambda module, args, out: captured.append(out.detach())
+    )
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return captured[0].double().transpose(0, 1).flatten(1)
+
+
+def scale_diagnostics(
+    model: nn.Module, example: torch.Tensor, ratio: float, fit_inputs: torch.Tensor
+) -> dict[str, Any]:
+    """Float pruning of every site with NM, UDFC and the data-fitted ``s`` ("LS on data").
+
+    Per method: accuracy is left to the caller; here the mean over sites of ``sum_i s_ji``
+    (1 keeps the pruned channel's mean when channels have similar means), of the share of
+    ``||E[a_removed]||^2`` the repair leaves (on ``fit_inputs``), and for UDFC the share of
+    ``||R_j||^2`` its weight-space fit explains (1 - ||sum_i s_i R_i - R_j||^2 / ||R_j||^2).
+    """
+    removed_by_site = select_site_channels(
+        model, find_prune_sites(model, example).sites, ratio, "l1"
+    )
+    found: dict[str, Any] = {}
+    for method in ("merge", "udfc", "data_ls"):
+        copied = copy.deepcopy(model)
+        search = find_prune_sites(copied, example)
+        by_layer = {site.name: site for site in search.sites}
+        row_sums, mean_left, explained = [], [], []
+        for name in forward_layer_order(copied):
+            site = by_layer.get(name)
+            if site is None:
+                continue
+            filters = channel_filters(copied, site)
+            removed = removed_by_site[name]
+            keep = torch.ones(len(filters.scale), dtype=torch.bool)
+            keep[removed] = False
+            acts = _site_activations(copied, site, fit_inputs)
+            if method == "merge":
+                scales = merge_scales(filters, removed)
+            elif method == "udfc":
+                scales = pruning_scales(filters, removed, 0.01)
+                folded = filters.scale[:, None] * filters.weight
+                residual = scales @ folded[keep] - folded[removed]
+                explained.append(float(1 - residual.pow(2).sum() / folded[removed].pow(2).sum()))
+            else:
+                scales = torch.linalg.lstsq(acts[keep].T, acts[removed].T).solution.T
+            left = (acts[removed] - scales @ acts[keep]).mean(1)
+            mean_left.append(float(left.pow(2).sum() / acts[removed].mean(1).pow(2).sum()))
+            row_sums.append(float(scales.sum(1).mean()))
+            absorb_channels(copied, site, removed, scales)
+            remove_site_channels(search, site, removed)
+        found[method] = {
+            "model": copied,
+            "row_sum": statistics.mean(row_sums),
+            "mean_left": statistics.mean(mean_left),
+            **({"explained": statistics.mean(explained)} if explained else {}),
+        }
+    return found
+
+
 def _consumer_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     captured: list[torch.Tensor] = []
     handle = model.get_submodule(name).register_forward_hook(
@@ -102,6 +173,7 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def evaluate(name: str) -> dict[str, Any]:
     model, data, input_shape = trained(name)
     x, y = data.split("test")
+    fit_inputs = data.split("train")[0][:512]
     example = torch.randn(1, *input_shape)
     rows: list[dict[str, Any]] = []
     dfq = {}
@@ -134,6 +206,11 @@ def evaluate(name: str) -> dict[str, Any]:
                 corrected, example, prune_ratio=ratio, weight_bits=bits, mean_correction=True
             )
             row["udfc_mean"] = score(corrected, x, y)
+            preserving = copy.deepcopy(model)
+            udfc_compress(
+                preserving, example, prune_ratio=ratio, weight_bits=bits, mean_preserving=True
+            )
+            row["udfc_preserving"] = score(preserving, x, y)
             ablation = copy.deepcopy(model)
             udfc_compress(
                 ablation,
@@ -155,6 +232,11 @@ def evaluate(name: str) -> dict[str, Any]:
         udfc_compress(pruned, example, prune_ratio=ratio, weight_bits=None)
         entry["udfc"] = score(pruned, x, y)
         entry["site_error"] = site_errors(model, x[:256], ratio)
+        diagnostics = scale_diagnostics(model, example, ratio, fit_inputs)
+        entry["data_ls"] = score(diagnostics["data_ls"].pop("model"), x, y)
+        for found in diagnostics.values():
+            found.pop("model", None)
+        entry["scales"] = diagnostics
         float_prune[str(ratio)] = entry
     return {
         "float": score(model, x, y),
@@ -226,6 +308,7 @@ def _model_section(name: str, result: dict[str, Any]) -> list[str]:
         "plain+mean*",
         "NM+mean*",
         "UDFC+mean*",
+        "UDFC mean-preserving s*",
     ]
     rows = [
         [
@@ -241,21 +324,35 @@ def _model_section(name: str, result: dict[str, Any]) -> list[str]:
             r["plain_mean"],
             r["nm_mean"],
             r["udfc_mean"],
+            r["udfc_preserving"],
         ]
         for r in result["rows"]
     ]
     target = next(r for r in result["rows"] if r["ratio"] == 0.3 and r["bits"] == 6)
     lost = result["float"] - target["plain"]
-    recovered = (target["udfc"] - target["plain"]) / lost if lost > 0 else float("nan")
+    recovered = {
+        key: (target[key] - target["plain"]) / lost if lost > 0 else float("nan")
+        for key in ("udfc", "nm", "udfc_mean", "udfc_preserving")
+    }
     error_rows = [
         [
             f"{float(ratio):.0%}",
             e["none"],
             e["merge"],
             e["udfc"],
+            e["data_ls"],
             e["site_error"].get("none"),
             e["site_error"].get("merge"),
             e["site_error"].get("udfc"),
+        ]
+        for ratio, e in result["float_prune"].items()
+    ]
+    scale_rows = [
+        [
+            f"{float(ratio):.0%}",
+            *(e["scales"][m]["row_sum"] for m in ("merge", "udfc", "data_ls")),
+            *(e["scales"][m]["mean_left"] for m in ("merge", "udfc", "data_ls")),
+            e["scales"]["udfc"]["explained"],
         ]
         for ratio, e in result["float_prune"].items()
     ]
@@ -264,18 +361,51 @@ def _model_section(name: str, result: dict[str, Any]) -> list[str]:
         "",
         markdown_table(header, rows),
         "",
-        f"30% / 6-bit: plain loses {lost:.4f}; UDFC recovers {recovered:.0%} of it.",
+        f"30% / 6-bit: plain loses {lost:.4f}; UDFC recovers {recovered['udfc']:.0%} of it "
+        f"(NM {recovered['nm']:.0%}; UDFC+mean* {recovered['udfc_mean']:.0%}; UDFC "
+        f"mean-preserving s* {recovered['udfc_preserving']:.0%}).",
         "",
-        "\\* `mean_correction`: the next layer's mean input restored from BN statistics "
-        "(our extension, in neither paper); UDFC s: seconds UDFC itself took.",
+        "\\* extensions in neither paper, from BN statistics: `mean_correction` restores the next "
+        "layer's mean input through its bias; `mean_preserving` constrains each row of s to keep "
+        "the pruned channel's mean output. UDFC s: seconds UDFC itself took.",
         "",
         "Float pruning only (accuracy; mean relative next-layer output error per site, "
         "test inputs, one site pruned at a time):",
         "",
         markdown_table(
-            ["prune", "plain acc", "NM acc", "UDFC acc", "plain err", "NM err", "UDFC err"],
+            [
+                "prune",
+                "plain acc",
+                "NM acc",
+                "UDFC acc",
+                "LS on data acc†",
+                "plain err",
+                "NM err",
+                "UDFC err",
+            ],
             error_rows,
         ),
+        "",
+        "What the repairs do (float pruning, mean over sites): sum_i s_ji per pruned channel, "
+        "the share of the pruned channels' squared mean output left uncompensated (training "
+        "inputs), and the share of ||R_j||^2 UDFC's weight-space fit explains:",
+        "",
+        markdown_table(
+            [
+                "prune",
+                "NM sum s",
+                "UDFC sum s",
+                "LS† sum s",
+                "NM mean left",
+                "UDFC mean left",
+                "LS† mean left",
+                "UDFC fit explains",
+            ],
+            scale_rows,
+        ),
+        "",
+        "† not data-free: s fitted by least squares on 512 training inputs' post-ReLU "
+        "activations (a bound for any s under UDFC's linear-combination assumption).",
         "",
     ]
 

@@ -118,7 +118,11 @@ def _export(space_file: Path, blocks_dir: Path, batch_size: int) -> int:
             f"{space_file} --blocks-dir DIR --export-only` on a host with torch, copy DIR here "
             "and run `slimline profile lut DIR -o lut.json`"
         )
-    count = len(space.distinct_blocks())
+    try:
+        count = len(space.distinct_blocks())
+    except ValueError as exc:  # spaces without a block decomposition (ViT, sequence models)
+        return _fail(f"{space_file}: {exc}; time whole candidates instead (search.nas "
+                     "latency: measure)")
     _note(f"exporting {count} distinct blocks of space {space.name!r} to {blocks_dir}")
     try:
         export_space_blocks(space, blocks_dir, batch_size=batch_size)

@@ -15,6 +15,10 @@ Every architecture decomposes into blocks (:meth:`SearchSpace.blocks`) that depe
 their own shapes, so a latency lookup table measured once per distinct block
 (:meth:`SearchSpace.distinct_blocks`, ``slimline profile lut``) predicts any architecture.
 This module is torch-free except :meth:`SearchSpace.build_model` / :meth:`build_block`.
+
+Other families (``vit``, ``cnn1d``, ``gru``: :mod:`search.spaces_grid`; mixes of them:
+:mod:`search.spaces_union`) share the same duck-typed interface; :func:`space_from_dict` and
+:func:`load_space` pick the class from the ``family:`` key.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "StageChoices",
     "default_space",
     "load_space",
+    "space_from_dict",
 ]
 
 FAMILY = "resnet_flex"
@@ -205,6 +210,10 @@ class SearchSpace:
         """How many distinct architectures the space holds."""
         return math.prod(len(s.widths) * len(s.depths) * len(s.kernels) for s in self.stages)
 
+    def architecture_from_dict(self, data: Mapping[str, Any]) -> Architecture:
+        """The inverse of ``Architecture.to_dict`` (validated against this space)."""
+        return self.validate(Architecture.from_dict(data))
+
     def sample(self, count: int, *, seed: int = 0) -> list[Architecture]:
         """``count`` distinct architectures drawn uniformly with ``seed`` (same seed, same list;
         all of them, in random order, when ``count`` >= :attr:`size`)."""
@@ -319,8 +328,28 @@ class SearchSpace:
         return FlexBlock(block.in_channels, block.out_channels, block.stride, block.kernel)
 
 
-def load_space(path: str | os.PathLike) -> SearchSpace:
-    """Read a space from YAML (or JSON); errors name the file and the key."""
+def space_from_dict(data: Mapping[str, Any], *, source: str = "search space") -> Any:
+    """Build the space its ``family:`` key names (default ``resnet_flex``, so older YAML works).
+
+    Families: ``resnet_flex`` (:class:`SearchSpace`), ``vit``, ``cnn1d``, ``gru`` and ``union``
+    (several families in one space, :mod:`search.spaces_union`).
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__}")
+    family = data.get("family", FAMILY)
+    if family == FAMILY:
+        return SearchSpace.from_dict(data, source=source)
+    if family == "union":
+        from search.spaces_union import UnionSpace
+
+        return UnionSpace.from_dict(data, source=source)
+    from search.spaces_grid import grid_space_from_dict
+
+    return grid_space_from_dict(data, source=source)
+
+
+def load_space(path: str | os.PathLike) -> Any:
+    """Read a space of any family from YAML (or JSON); errors name the file and the key."""
     import yaml
 
     path = Path(path)
@@ -331,8 +360,8 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a mapping with input_shape and stages")
-    return SearchSpace.from_dict(data, source=str(path))
+        raise ValueError(f"{path}: expected a mapping with a family and its choices")
+    return space_from_dict(data, source=str(path))
 
 
 def default_space() -> SearchSpace:

@@ -76,6 +76,20 @@ def _parser() -> argparse.ArgumentParser:
     datasets = commands.add_parser("datasets", help="list datasets")
     datasets.set_defaults(handler=_cmd_datasets)
 
+    search = commands.add_parser("search", help="architecture search tools")
+    search_commands = search.add_subparsers(dest="search_command", metavar="SUBCOMMAND",
+                                            required=True)
+    worker = search_commands.add_parser(
+        "worker", help="join a recipe's search.nas study as one more worker process")
+    worker.add_argument("recipe", help="recipe YAML file")
+    worker.add_argument("--storage", help="Optuna storage URL (default: the stage's `storage`), "
+                        "e.g. postgresql://user@host/db")
+    worker.add_argument("--stage", help="search.nas stage id (if the recipe has several)")
+    worker.add_argument("--run-dir", help="where upstream stages are cached (default: "
+                        "runs/<recipe name>)")
+    worker.add_argument("--worker-id", help="name recorded on this worker's trials")
+    worker.set_defaults(handler=_cmd_search_worker)
+
     from export.profile_cli import add_profile_arguments
 
     profile = commands.add_parser("profile", help="time ONNX models with onnxruntime")
@@ -99,6 +113,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"{sum(r.status == 'cached' for r in result.records)} cached -> {result.run_dir}")
     if result.report_path:
         print(f"report: {result.report_path}")
+    return 0
+
+
+def _cmd_search_worker(args: argparse.Namespace) -> int:
+    from search.study import StudyStorageError
+    from search.worker import run_search_worker
+
+    try:
+        result = run_search_worker(args.recipe, stage_id=args.stage, storage=args.storage,
+                                   run_dir=args.run_dir, worker_id=args.worker_id)
+    except (ValueError, StudyStorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{result.study_name}: this worker ran {result.trials_run} trial(s); the study holds "
+          f"{result.complete} complete")
     return 0
 
 

@@ -153,7 +153,13 @@ def _details(record: StageRecord) -> list[str]:
         out.append("- latency by batch size: " + "; ".join(
             f"bs {bs}: median {v['median_ms']:.3f} ms, p90 {v['p90_ms']:.3f}, "
             f"p99 {v['p99_ms']:.3f}" for bs, v in m["by_batch"].items()))
-    if "epochs" in m:
+    if "search" in m:
+        s, c = m["search"], m["search"]["chosen"]
+        latency = f", {c['latency_ms']:.4f} ms" if c.get("latency_ms") is not None else ""
+        out.append(f"- {s['strategy']} search over `{s['space']}`: {s['evaluated']} evaluated, "
+                   f"{s['feasible']} within the limits; chosen `{c['label']}` "
+                   f"({c['params']:,} parameters{latency}); details in `search.md`")
+    if "epochs" in m and all("val_accuracy" in e for e in m["epochs"]):
         out.append("- val accuracy by epoch: " + ", ".join(
             f"{e['val_accuracy']:.3f}" for e in m["epochs"]))
     return out

@@ -9,6 +9,11 @@ Layout of a run directory::
 A stage writes into ``stages/.tmp-<id>-<key12>-<pid>/`` and that directory is renamed into place
 only after the artifact is complete, so a run killed mid-stage (SIGINT or SIGKILL) leaves every
 finished stage intact and the next run resumes from there.
+
+Under ``torchrun`` every rank computes every stage (training shards its batches across ranks)
+but only rank 0 takes the lock and writes; after rank 0 has saved a stage, the other ranks load
+it from disk, exactly as they would a cache hit, so all ranks continue from the same weights
+(see :mod:`slimline.distributed`). The run directory must be visible to every rank.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -39,6 +45,7 @@ from slimline.artifact import (
 )
 from slimline.dag import Plan, PlannedStage, build_plan, stage_keys
 from slimline.data import Dataset, load_dataset
+from slimline.distributed import RankGroup, rank_group
 from slimline.io import canonical_json, read_json, sha256_file, sha256_text, write_json
 from slimline.recipe import Recipe, load_recipe
 from slimline.stage import StageContext, StageFailed, seed_everything
@@ -118,8 +125,13 @@ def run(recipe: str | Path | dict | Recipe, *, run_dir: str | Path | None = None
     result = RunResult(recipe, run_dir, records)
     if dry_run:
         return result
-    with _locked_run_dir(run_dir):
-        _execute(plan, result, source, dataset, forced, progress)
+    with rank_group() as group, contextlib.ExitStack() as held:
+        group.attempt("opening the run directory",
+                      lambda: held.enter_context(_locked_run_dir(run_dir)), writer_only=True)
+        # Rank 0 holds the lock, so its view of the cache is the one every rank follows.
+        for record, status in zip(records, group.share([r.status for r in records])):
+            record.status = status
+        _execute(plan, result, source, dataset, forced, progress, group)
     return result
 
 
@@ -194,11 +206,12 @@ def _locked_run_dir(run_dir: Path) -> Iterator[None]:
 
 
 def _execute(plan: Plan, result: RunResult, source: Artifact, dataset: Dataset,
-             forced: set[str], progress: bool) -> None:
+             forced: set[str], progress: bool, group: RankGroup) -> None:
     from slimline.report import write_report
 
     records = {r.id: r for r in result.records}
     loaded: dict[str, Artifact] = {"source": source}
+    info = log.info if group.is_writer else (lambda *args: None)
 
     def artifact_of(stage_id: str) -> Artifact:
         if stage_id not in loaded:
@@ -206,55 +219,95 @@ def _execute(plan: Plan, result: RunResult, source: Artifact, dataset: Dataset,
         return loaded[stage_id]
 
     active = [r for r in result.records if r.status != "skipped"]
-    _write_run_json(result)
+    group.attempt("writing run.json", lambda: _write_run_json(result), writer_only=True)
     for stage in plan.stages:
         record = records[stage.id]
         if record.status == "skipped":
             continue
         counter = f"[{active.index(record) + 1}/{len(active)}]"
         if record.status == "cached":
-            meta = read_json(record.directory / "artifact.json")
-            record.metrics, record.model_id = meta["metrics"], meta["model_id"]
-            record.parent_model_id = meta["parent_model_id"]
-            record.onnx_source = meta["state"].get("onnx_source")
-            log.info("%s %s (%s): cached", counter, stage.id, stage.spec.uses)
+            group.attempt(f"reading cached stage {stage.id!r}",
+                          lambda record=record: _read_cached(record, group))
+            info("%s %s (%s): cached", counter, stage.id, stage.spec.uses)
             continue
-        log.info("%s %s (%s): running", counter, stage.id, stage.spec.uses)
-        inputs = [artifact_of(dep) for dep in stage.spec.needs] or [source]
-        work_dir = record.directory.parent / f".tmp-{record.directory.name}-{os.getpid()}"
-        shutil.rmtree(work_dir, ignore_errors=True)
-        work_dir.mkdir(parents=True)
-        context = StageContext(
-            stage_id=stage.id, uses=stage.spec.uses, work_dir=work_dir,
-            seed=int(sha256_text(f"{plan.recipe.seed}:{stage.id}")[:8], 16),
-            data_loader=lambda: dataset,
-            references={name: artifact_of(target) for name, target in stage.refs.items()},
-            lookup=lambda stage_id: loaded["source"] if stage_id == "source"
-            else artifact_of(stage_id),
-            show_progress=progress)
+        info("%s %s (%s): running", counter, stage.id, stage.spec.uses)
         started = time.perf_counter()
-        try:
-            seed_everything(context.seed)
-            output = _call_stage(stage, context, inputs)
-            _finish_artifact(output, inputs[0], stage.id, stage.spec.uses)
-            output.save(work_dir)
-            if record.directory.exists():  # --force: replace the old output
-                shutil.rmtree(record.directory)
-            os.replace(work_dir, record.directory)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        output.files = {name: record.directory / Path(path).name
-                        for name, path in output.files.items()}
+        output = group.attempt(
+            f"stage {stage.id!r}",
+            lambda stage=stage, record=record: _run_stage(
+                plan, stage, record, source, dataset, artifact_of, progress, group))
+        # Every rank takes part in every exchange; the others continue from what rank 0 saved.
+        output = group.attempt(
+            f"loading stage {stage.id!r} as saved by rank 0",
+            lambda record=record, output=output: output if group.is_writer
+            else _load_saved(record, group))
+        assert output is not None  # attempt raised otherwise
         loaded[stage.id] = output
         record.status, record.seconds = "ran", time.perf_counter() - started
         record.metrics = output.metrics
         record.model_id, record.parent_model_id = output.model_id, output.parent_model_id
         record.onnx_source = output.state.get("onnx_source")
-        _write_run_json(result)
-        log.info("%s %s: done in %.1fs%s", counter, stage.id, record.seconds,
-                 _headline(output.metrics))
-    _write_run_json(result)
-    result.report_path, result.plot_path = write_report(result)
+        group.attempt("writing run.json", lambda: _write_run_json(result), writer_only=True)
+        info("%s %s: done in %.1fs%s", counter, stage.id, record.seconds,
+             _headline(output.metrics))
+    if group.is_writer:
+        result.report_path, result.plot_path = write_report(result)
+    group.agree("writing the report", None)  # no rank exits while rank 0 still writes
+
+
+def _run_stage(plan: Plan, stage: PlannedStage, record: StageRecord, source: Artifact,
+               dataset: Dataset, artifact_of: Any, progress: bool, group: RankGroup) -> Artifact:
+    """Compute one stage; rank 0 saves it into place, other ranks work in a private temp dir."""
+    inputs = [artifact_of(dep) for dep in stage.spec.needs] or [source]
+    if group.is_writer:
+        work_dir = record.directory.parent / f".tmp-{record.directory.name}-{os.getpid()}"
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(parents=True)
+    else:
+        work_dir = Path(tempfile.mkdtemp(prefix=f"slimline-rank{group.rank}-{stage.id}-"))
+    context = StageContext(
+        stage_id=stage.id, uses=stage.spec.uses, work_dir=work_dir,
+        seed=int(sha256_text(f"{plan.recipe.seed}:{stage.id}")[:8], 16),
+        data_loader=lambda: dataset,
+        references={name: artifact_of(target) for name, target in stage.refs.items()},
+        lookup=lambda stage_id: source if stage_id == "source" else artifact_of(stage_id),
+        show_progress=progress and group.is_writer, cache_key=record.key)
+    try:
+        seed_everything(context.seed)  # the same on every rank: they walk the same batches
+        output = _call_stage(stage, context, inputs)
+        if not group.is_writer:
+            return output
+        _finish_artifact(output, inputs[0], stage.id, stage.spec.uses)
+        output.save(work_dir)
+        if record.directory.exists():  # --force: replace the old output
+            shutil.rmtree(record.directory)
+        os.replace(work_dir, record.directory)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    output.files = {name: record.directory / Path(path).name
+                    for name, path in output.files.items()}
+    return output
+
+
+def _read_cached(record: StageRecord, group: RankGroup) -> None:
+    meta_path = record.directory / "artifact.json"
+    if not meta_path.exists() and not group.is_writer:
+        raise RunDirError(_invisible(record, group))
+    meta = read_json(meta_path)
+    record.metrics, record.model_id = meta["metrics"], meta["model_id"]
+    record.parent_model_id = meta["parent_model_id"]
+    record.onnx_source = meta["state"].get("onnx_source")
+
+
+def _load_saved(record: StageRecord, group: RankGroup) -> Artifact:
+    if not (record.directory / "artifact.json").exists():
+        raise RunDirError(_invisible(record, group))
+    return Artifact.load(record.directory)
+
+
+def _invisible(record: StageRecord, group: RankGroup) -> str:
+    return (f"rank {group.rank} cannot see {record.directory}, which rank 0 wrote; every rank "
+            "must see the run directory (one machine, or --run-dir on a shared filesystem)")
 
 
 def _call_stage(stage: PlannedStage, context: StageContext, inputs: list[Artifact]) -> Artifact:

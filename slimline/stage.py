@@ -103,6 +103,9 @@ class StageContext:
     # Loads any finished ancestor's output by stage id ("source": the recipe's input model).
     lookup: Callable[[str], Artifact] | None = None
     show_progress: bool = True
+    # The stage's content hash (see slimline.dag): names state shared beyond this process,
+    # e.g. the Optuna study that `slimline search worker` processes join.
+    cache_key: str = ""
 
     @cached_property
     def data(self) -> Dataset:

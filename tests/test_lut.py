@@ -57,7 +57,7 @@ def built_lut(tmp_path_factory) -> tuple[Path, Path]:
         ({"stages": [{"widths": [4], "depths": [1], "kernels": [4]}]}, r"stages\[0\].kernels: "),
         ({"stages": [{"widths": [4, 4], "depths": [1]}]}, r"stages\[0\].widths: choices repeat"),
         ({"stages": [{"widths": [4], "depth": [1]}]}, r"stages\[0\].depth: unknown key"),
-        ({"family": "vit"}, "family: only 'resnet_flex'"),
+        ({"family": "lstm"}, "family: unknown family 'lstm'"),
     ],
 )
 def test_space_validation_names_the_key(change, match, tmp_path):

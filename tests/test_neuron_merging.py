@@ -106,3 +106,29 @@ def test_mean_correction_restores_a_constant_channel() -> None:
             assert result.sites["0"]["removed"] == [3]
             close = torch.allclose(pruned(x), reference, atol=1e-5)
             assert close == corrected
+
+
+def test_every_method_prunes_the_channels_ranked_on_the_trained_model() -> None:
+    # cnn1d is a plain chain: features.3 consumes features.0's site and is a site itself, so a
+    # repair of features.0 changes features.3's filter norms. The benchmark compares methods
+    # on the same channels, so all of them must rank on the weights they were given.
+    from compress.prune.datafree_sites import select_channels
+    from compress.quant.udfc import udfc_compress
+
+    torch.manual_seed(0)
+    model = calibrate_bn(build_model("cnn1d", channels=[16, 32, 32]), (1, 40))
+    example = torch.randn(1, 1, 40)
+    expected = {
+        site.name: select_channels(channel_filters(model, site), 0.5, "l1").tolist()
+        for site in find_prune_sites(model, example).sites
+    }
+    assert set(expected) == {"features.0", "features.3", "features.6"}
+    removed = {}
+    for method in ("none", "merge"):
+        result = prune_sites(copy.deepcopy(model), example, 0.5, compensation=method)
+        removed[method] = {name: site["removed"] for name, site in result.sites.items()}
+    for bits in (None, 4):
+        result = udfc_compress(copy.deepcopy(model), example, prune_ratio=0.5, weight_bits=bits)
+        removed[f"udfc{bits}"] = {name: site["removed"] for name, site in result.sites.items()}
+    for method, channels in removed.items():
+        assert channels == expected, method

@@ -240,3 +240,50 @@ def test_udfc_artifact_reloads_with_fewer_channels(resnet, tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded.model.eval()(x), model(x))
     assert loaded.model.layer2[0].conv1.out_channels == 8
+
+
+@pytest.mark.parametrize(("channels", "size"), [(6, 20), (12, 5)])  # full rank; rank-deficient
+def test_mean_preserving_scales_are_the_constrained_minimum(channels: int, size: int) -> None:
+    filters = _random_filters(channels, size, seed=channels + 1)
+    means = torch.rand(channels, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    removed = torch.tensor([0, channels - 1])
+    kept = torch.arange(1, channels - 1)
+    free = pruning_scales(filters, removed, alpha1=0.01)
+    constrained = pruning_scales(filters, removed, alpha1=0.01, means=means)
+    for row, j in enumerate(removed.tolist()):
+        s = constrained[row].clone().requires_grad_(True)
+        assert float(constrained[row] @ means[kept]) == pytest.approx(float(means[j]), rel=1e-10)
+        assert float(free[row] @ means[kept]) != pytest.approx(float(means[j]), rel=1e-3)
+        loss = pruning_loss(s, filters, j, kept, 0.01)
+        (gradient,) = torch.autograd.grad(loss, s)
+        # Karush-Kuhn-Tucker: at the constrained minimum the gradient is parallel to the means.
+        c = means[kept]
+        along = gradient - (gradient @ c) / (c @ c) * c
+        assert float(along.norm()) <= 1e-8 * max(1.0, float(gradient.norm()))
+        unconstrained = float(pruning_loss(free[row], filters, j, kept, 0.01))
+        assert float(loss.detach()) >= unconstrained - 1e-12
+
+
+def test_mean_preserving_keeps_the_consumers_mean_input(resnet) -> None:
+    # BN statistics of N(0, 1) inputs (the fixture): the clipped-normal means are what the
+    # consumer sees on such inputs, up to the Gaussian approximation of the pre-activations.
+    x = torch.randn(512, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    consumer = "layer2.0.conv2"
+
+    def consumer_mean(model: nn.Module) -> torch.Tensor:
+        captured = []
+        handle = model.get_submodule(consumer).register_forward_hook(
+            lambda m, a, out: captured.append(out.mean((0, 2, 3)))
+        )
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        return captured[0]
+
+    reference = consumer_mean(resnet)
+    shifts = {}
+    for preserving in (False, True):
+        model = copy.deepcopy(resnet)
+        udfc_compress(model, x[:1], prune_ratio=0.5, weight_bits=None, mean_preserving=preserving)
+        shifts[preserving] = float((consumer_mean(model) - reference).norm() / reference.norm())
+    assert shifts[True] < 0.5 * shifts[False], shifts

@@ -34,6 +34,8 @@ import torch.nn as nn
 
 from compress.prune.datafree_sites import (
     ChannelFilters,
+    Criterion,
+    PruneSite,
     SiteTotals,
     absorb_channels,
     channel_filters,
@@ -45,7 +47,7 @@ from compress.prune.datafree_sites import (
 )
 from compress.prune.layer_chains import forward_layer_order
 
-__all__ = ["DataFreePruneResult", "merge_scales", "prune_sites"]
+__all__ = ["DataFreePruneResult", "merge_scales", "prune_sites", "select_site_channels"]
 
 
 def merge_scales(
@@ -88,6 +90,23 @@ def merge_scales(
     return scales
 
 
+def select_site_channels(
+    model: nn.Module, sites: list[PruneSite], ratio: float, criterion: Criterion
+) -> dict[str, torch.Tensor]:
+    """The channels each site loses, chosen on ``model`` as given, before any site is repaired.
+
+    A consumer can itself be a site (a plain conv chain): once an earlier site was absorbed into
+    it (or rescaled by UDFC's ``s~``), its filter norms differ per method, and ranking them then
+    would prune different channels for plain, Neuron Merging and UDFC. Ranking all sites up front
+    on the trained weights removes the same channels whatever the repair (as Neuron Merging's
+    official code does: it ranks the original parameters, not the merged ones).
+    """
+    return {
+        site.name: select_channels(channel_filters(model, site), ratio, criterion, site.name)
+        for site in sites
+    }
+
+
 @dataclass
 class DataFreePruneResult(SiteTotals):
     """Per site: channels before/after, the consumer, how many pruned channels were merged."""
@@ -109,8 +128,8 @@ def prune_sites(
     mean_correction: bool = False,
     masks: dict[str, torch.Tensor] | None = None,
 ) -> DataFreePruneResult:
-    """Remove ``ratio`` of each prune site's channels (smallest filter L1/L2 norm), in place and
-    in forward order, merging them into kept ones (``"merge"``) or not at all (``"none"``).
+    """Remove ``ratio`` of each prune site's channels (smallest filter L1/L2 norm of the model as
+    given, :func:`select_site_channels`), in place and in forward order, merging them into kept ones (``"merge"``) or not at all (``"none"``).
     ``mean_correction`` also restores the consumer's mean input from BN statistics
     (:func:`~compress.prune.datafree_sites.compensate_mean`; not part of either method).
     ``masks`` (keep-masks by parameter name) are sliced along with the weights.
@@ -128,12 +147,13 @@ def prune_sites(
     search = find_prune_sites(model, example_input)
     result.skipped.update(search.skipped)
     by_layer = {site.name: site for site in search.sites}
+    removed_by_site = select_site_channels(model, search.sites, ratio, criterion)
     for name in forward_layer_order(model):
         site = by_layer.get(name)
         if site is None:
             continue
         filters = channel_filters(model, site)
-        removed = select_channels(filters, ratio, criterion, site.name)
+        removed = removed_by_site[name]
         kept = len(filters.scale) - len(removed)
         scales = torch.zeros(len(removed), kept, dtype=torch.float64)
         if compensation == "merge" and len(removed):

@@ -37,12 +37,21 @@ the ReLU even when ``z_j`` is reconstructed exactly (it is exact when the channe
 always active, or when ``z_j`` is a positive multiple of one kept channel). ReLU6
 (MobileNetV2) is homogeneous only below its clip at 6.
 
+Both fits are least squares over an implicitly isotropic, zero-mean input, so both shrink
+towards 0: when the kept filters explain little of ``R_j`` the scales ``s`` come out small
+with mixed signs, and ``sum_i s_i E[a_i]`` no longer matches the pruned channel's mean output
+``E[a_j] > 0``; likewise ``s~ < 1`` on average. bench/bench_udfc.py measures this (RESULTS.md:
+on its small models ``s`` fitted to data activations keeps ~95% accuracy at 30% pruning, the
+weight-space ``s`` does not). Two opt-in extensions restore that mean from BN statistics:
+``mean_correction`` through the next layer's bias, ``mean_preserving`` inside ``s`` itself.
+
 :func:`udfc_compress` runs it over a model in forward order; see its docstring for residual
 blocks, depthwise convs and the layers that get no compensation.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -53,16 +62,18 @@ import torch.nn as nn
 
 from compress.prune.datafree_sites import (
     ChannelFilters,
+    PruneSite,
     SiteTotals,
     absorb_channels,
     channel_filters,
     compensate_mean,
     find_prune_sites,
     remove_site_channels,
-    select_channels,
     site_record,
 )
 from compress.prune.layer_chains import LayerChain, find_layer_chains, forward_layer_order
+from compress.prune.neuron_merging import select_site_channels
+from compress.quant.bn_statistics import clipped_normal_moments
 from compress.quant.datafree import DataFreeResult, quantize_datafree, weight_spec
 from compress.quant.fold import fold_conv_bn_weights
 
@@ -87,12 +98,25 @@ def pruning_loss(
     return weight_term + alpha1 * bias_term
 
 
-def pruning_scales(filters: ChannelFilters, removed: torch.Tensor, alpha1: float) -> torch.Tensor:
+def pruning_scales(
+    filters: ChannelFilters,
+    removed: torch.Tensor,
+    alpha1: float,
+    means: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Closed-form ``s`` (rows: ``removed`` channels; columns: kept channels, increasing index)
-    minimising :func:`pruning_loss` for each removed channel."""
+    minimising :func:`pruning_loss` for each removed channel.
+
+    ``means`` (per channel ``E[a_c]`` after the activation; not in the paper): each row instead
+    minimises the same loss subject to ``sum_i s_i means_i = means_j``, so the next layer keeps
+    the pruned channel's mean input (equality-constrained least squares, solved on the null
+    space of the constraint). Rows whose kept means are all zero stay unconstrained.
+    """
     if alpha1 < 0:
         raise ValueError(f"alpha1 must be >= 0, got {alpha1}")
     channels = filters.weight.shape[0]
+    if means is not None and means.shape != (channels,):
+        raise ValueError(f"means must have one entry per channel ({channels}), got {means.shape}")
     keep = torch.ones(channels, dtype=torch.bool)
     keep[removed] = False
     kept = torch.nonzero(keep).flatten()
@@ -108,11 +132,35 @@ def pruning_scales(filters: ChannelFilters, removed: torch.Tensor, alpha1: float
                 (root * filters.scale[j] * filters.shift[j]).reshape(1),
             ]
         )
-        solution = torch.linalg.lstsq(matrix, target[:, None], driver="gelsd").solution
-        rows.append(solution[:, 0])
+        if means is None:
+            rows.append(_least_squares(matrix, target))
+        else:
+            rows.append(_mean_constrained(matrix, target, means[kept].double(), means[j]))
     if not rows:
         return torch.zeros(0, len(kept), dtype=torch.float64)
     return torch.stack(rows)
+
+
+def _least_squares(matrix: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Minimum-norm ``argmin ||matrix s - target||`` (SVD-based: rank-deficient is fine)."""
+    if matrix.shape[1] == 0:
+        return matrix.new_zeros(0)
+    return torch.linalg.lstsq(matrix, target[:, None], driver="gelsd").solution[:, 0]
+
+
+def _mean_constrained(
+    matrix: torch.Tensor, target: torch.Tensor, kept_means: torch.Tensor, mean: torch.Tensor
+) -> torch.Tensor:
+    """``argmin ||matrix s - target||`` subject to ``kept_means . s = mean``: ``s = s0 + N t``
+    with ``s0`` the smallest feasible point and ``N`` an orthonormal basis of the constraint's
+    null space (the trailing columns of a complete QR of ``kept_means``)."""
+    norm2 = kept_means.dot(kept_means)
+    if norm2 == 0:
+        return _least_squares(matrix, target)
+    base = kept_means * (mean / norm2)
+    basis = torch.linalg.qr(kept_means[:, None], mode="complete").Q[:, 1:]
+    free = _least_squares(matrix @ basis, target - matrix @ base)
+    return base + basis @ free
 
 
 def quantization_loss(
@@ -178,6 +226,7 @@ def udfc_compress(
     symmetric_activations: bool = False,
     input_std: float = 1.0,
     mean_correction: bool = False,
+    mean_preserving: bool = False,
     skip: str | None = None,
     masks: dict[str, torch.Tensor] | None = None,
 ) -> UDFCResult:
@@ -188,7 +237,9 @@ def udfc_compress(
     (activation ranges from BN statistics, 8 bits). ``masks`` (keep-masks by parameter name)
     are sliced along with the weights. ``mean_correction`` (off: not in the paper) also
     restores each consumer's mean input from BN statistics
-    (:func:`~compress.prune.datafree_sites.compensate_mean`).
+    (:func:`~compress.prune.datafree_sites.compensate_mean`). ``mean_preserving`` (off: not in
+    the paper) constrains each ``s`` row to keep the pruned channel's mean output, the BN
+    statistics' clipped-normal ``E[a]`` (:func:`pruning_scales` with ``means``).
 
     Decisions the paper leaves open:
 
@@ -199,6 +250,9 @@ def udfc_compress(
       depthwise conv together; the project conv absorbs them (the filter is the composed
       expand + depthwise kernel). For quantization a depthwise conv *can* absorb ``s~``: its
       channel ``m`` reads only input channel ``m``.
+    * **Which of them.** Each site's ``prune_ratio`` smallest-norm filters, ranked on the model
+      as given before any repair (:func:`~compress.prune.neuron_merging.select_site_channels`),
+      so plain pruning, Neuron Merging and UDFC remove the same channels.
     * **Order.** Layers are processed in forward order, each one after its input side was
       repaired, pruning before quantizing: ``W_{l+1}[:, i] = s~_i (W_{l+1}[:, i] + sum_j s_ji
       W_{l+1}[:, j])``.
@@ -213,17 +267,20 @@ def udfc_compress(
     model.eval()
     result = UDFCResult()
     sites_by_layer = {}
+    removed_by_site: dict[str, torch.Tensor] = {}
     if prune_ratio > 0:
         search = find_prune_sites(model, example_input)
         result.skipped.update(search.skipped)
         sites_by_layer = {site.name: site for site in search.sites}
+        removed_by_site = select_site_channels(model, search.sites, prune_ratio, criterion)
     chains = find_layer_chains(model) if weight_bits is not None else {}
     for name in forward_layer_order(model):
         site = sites_by_layer.get(name)
         if site is not None:
             filters = channel_filters(model, site)
-            removed = select_channels(filters, prune_ratio, criterion, site.name)
-            scales = pruning_scales(filters, removed, alpha1)
+            removed = removed_by_site[name]
+            means = _activation_means(model, site) if mean_preserving else None
+            scales = pruning_scales(filters, removed, alpha1, means)
             absorb_channels(model, site, removed, scales)
             if mean_correction:
                 compensate_mean(model, site, removed, scales)
@@ -261,10 +318,25 @@ def udfc_compress(
                 "alpha2": alpha2,
                 "compensate_quantization": compensate_quantization,
                 "mean_correction": mean_correction,
+                "mean_preserving": mean_preserving,
             },
         )
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _activation_means(model: nn.Module, site: PruneSite) -> torch.Tensor:
+    """``E[a_c]`` per channel of the site's output: ``act(N(beta, gamma^2))`` of its last
+    BatchNorm (clipped at 0, and at 6 for ReLU6); zeros without a BatchNorm (no constraint)."""
+    chain = site.chains[-1]
+    channels = model.get_submodule(chain.layer).weight.shape[0]
+    if chain.norm is None:
+        return torch.zeros(channels, dtype=torch.float64)
+    norm = model.get_submodule(chain.norm)
+    beta = norm.bias.detach() if norm.bias is not None else torch.zeros(channels)
+    gamma = norm.weight.detach() if norm.weight is not None else torch.ones(channels)
+    high = 6.0 if chain.activation_kind == "relu6" else math.inf
+    return clipped_normal_moments(beta, gamma, 0.0, high)[0]
 
 
 def _compensate_quantization(

@@ -121,6 +121,11 @@ class UDFCParams(DataFreeQuantParams):
     mean_correction: bool = param(
         False, help="also restore the next layer's mean input from BN statistics (not in the paper)"
     )
+    mean_preserving: bool = param(
+        False,
+        help="constrain the pruning scales to keep each pruned channel's BN-predicted mean output "
+        "(not in the paper)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -351,6 +356,7 @@ def compress_udfc(ctx: StageContext, inputs: list[Artifact], p: UDFCParams) -> A
             alpha2=p.alpha2,
             compensate_quantization=p.compensate_quantization,
             mean_correction=p.mean_correction,
+            mean_preserving=p.mean_preserving,
             masks=out.masks,
             **_quant_kwargs(p),
         )
@@ -369,6 +375,7 @@ def compress_udfc(ctx: StageContext, inputs: list[Artifact], p: UDFCParams) -> A
         "criterion": p.criterion,
         "alpha1": p.alpha1,
         "mean_correction": p.mean_correction,
+        "mean_preserving": p.mean_preserving,
         "sites": result.sites,
     }
     out.state["quantization"] = result.quant.state.to_dict()

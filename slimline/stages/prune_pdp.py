@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from compress.prune.magnitude import apply_masks, layer_sparsity
 from compress.prune.pdp import PDPPruner
-from search.distill_losses import distillation_loss_fn
+from search.distill import distillation_loss_fn
 from slimline.artifact import Artifact
 from slimline.data import Dataset
 from slimline.params import ParamError, check_range, check_regex, param
@@ -48,6 +48,9 @@ class PDPParams:
     include: str | None = param(None, help="regex: prune only weights whose name matches")
     exclude: str | None = param(None, help="regex: keep weights whose name matches dense")
     distill: bool = param(False, help="distill from the input (unpruned) model (Hinton KD)")
+    distill_loss: Literal["kd", "dist", "sinkhorn"] = param(
+        "kd", help="distillation term: Hinton KD, DIST relations or Sinkhorn OT (search.distill)"
+    )
     temperature: float = param(4.0, help="distillation temperature T")
     alpha: float = param(0.5, help="weight of the distillation term (1 - alpha: labels)")
 
@@ -93,7 +96,9 @@ def train_pdp(
         epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, warmup_epochs=min(1.0, float(p.epochs))
     )
     loss_fn = (
-        distillation_loss_fn(teacher, temperature=p.temperature, alpha=p.alpha)
+        distillation_loss_fn(
+            teacher, temperature=p.temperature, alpha=p.alpha, loss=p.distill_loss
+        )
         if teacher is not None
         else None
     )

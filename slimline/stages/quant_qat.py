@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch.nn as nn
 
 from compress.quant.qat import QATConfig, QATController
-from search.distill_losses import distillation_loss_fn
+from search.distill import distillation_loss_fn
 from slimline.artifact import Artifact
 from slimline.data import Dataset
 from slimline.params import ParamError, check_range, param
@@ -53,6 +53,9 @@ class QATParams:
         0.02, help="frequency above which a weight counts as oscillating"
     )
     distill: bool = param(False, help="distill from the input (float) model (Hinton KD)")
+    distill_loss: Literal["kd", "dist", "sinkhorn"] = param(
+        "kd", help="distillation term: Hinton KD, DIST relations or Sinkhorn OT (search.distill)"
+    )
     temperature: float = param(4.0, help="distillation temperature T")
     alpha: float = param(0.5, help="weight of the distillation term (1 - alpha: labels)")
 
@@ -110,7 +113,7 @@ def train_qat(
     frozen: dict[int, float] = {}
 
     def on_epoch(epoch: int) -> dict[str, float]:
-        if epoch >= anneal_from:  # re-chosen every epoch: confidence changes as weights move
+        if epoch >= anneal_from:  # the controller then re-chooses the frozen set every step
             frozen[epoch] = controller.start_annealing()
         return {}
 
@@ -118,7 +121,9 @@ def train_qat(
         epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, warmup_epochs=1.0, weight_decay=0.0
     )
     loss_fn = (
-        distillation_loss_fn(teacher, temperature=p.temperature, alpha=p.alpha)
+        distillation_loss_fn(
+            teacher, temperature=p.temperature, alpha=p.alpha, loss=p.distill_loss
+        )
         if teacher is not None
         else None
     )

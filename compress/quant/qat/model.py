@@ -45,10 +45,16 @@ class QATConfig:
 
 
 def _position(quantizer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """Continuous level position whose rounding is the integer level (what CGA measures)."""
+    """Continuous level position whose rounding is the integer level (what CGA measures).
+
+    Clipped weights sit at the centre of their extreme level (distance 1/2 from any boundary):
+    for StatsQ, ``clamp(w/s, -1, 1)·n − 1/2`` reaches ``±n − 1/2`` there, which looks like a
+    rounding boundary but is not one (the integer is clamped to ``[−n, n−1]``), and treating
+    those weights — the largest, which set ``s`` — as unconfident kept them training through
+    CGA and moving every row's scale."""
     if isinstance(quantizer, StatsQQuantizer):
         n = 2 ** (quantizer.bits - 1)
-        return torch.clamp(weight / statsq_scale(weight), -1, 1) * n - 0.5
+        return torch.clamp(torch.clamp(weight / statsq_scale(weight), -1, 1) * n - 0.5, -n, n - 1)
     step = quantizer._view(weight).detach()
     return torch.clamp(weight / step, quantizer.qmin, quantizer.qmax)
 
@@ -82,6 +88,7 @@ class QATController:
         }
         self.qk_quantizers: dict[str, StatsQQuantizer] = {}
         self._handles: list[Any] = []
+        self.annealing = False  # CGA phase: the frozen set is re-chosen after every step
 
     def _weight_quantizer(self, weight: torch.Tensor) -> nn.Module:
         if self.config.weight_quantizer == "statsq":
@@ -123,7 +130,8 @@ class QATController:
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Undo updates of CGA-frozen weights, then record integer levels."""
+        """Undo updates of CGA-frozen weights, record integer levels, and while annealing
+        re-choose the frozen set for the next step."""
         self.frozen.restore()
         for name, (quantizer, weight, _) in self._quantized_weights().items():
             self.tracker.update(name, quantizer.integer_levels(weight))
@@ -131,14 +139,28 @@ class QATController:
             merged = merged_query_key(attention)
             levels = torch.stack([self.qk_quantizers[name].integer_levels(m) for m in merged])
             self.tracker.update(f"{name}.qk_merged", levels)
+        if self.annealing:
+            self._freeze_confident()
 
     @torch.no_grad()
     def start_annealing(self) -> float:
-        """CGA: freeze confident weights at their current values; returns the frozen share.
+        """CGA: from now on, before every step, freeze the confident weights at their current
+        values; returns the frozen share now.
+
+        The confident set is re-chosen after every step, as in the authors' training script: a
+        weight trains only while it is within ``boundary_range`` of a rounding boundary, and is
+        held as soon as a step carries it out of that band, so it can no longer flip back and
+        forth (choosing the set once per epoch let the near-boundary weights oscillate freely
+        for the whole epoch).
 
         On the QKR path the quantized tensor is the product ``W_qᵀW_k``, whose entries are not
         parameters, so CGA freezes ``W_q`` and ``W_k`` entirely (their merged levels are then
         fixed up to the StatsQ scale)."""
+        self.annealing = True
+        return self._freeze_confident()
+
+    @torch.no_grad()
+    def _freeze_confident(self) -> float:
         self.frozen = FrozenWeights()
         for name, (quantizer, weight, parameter) in self._quantized_weights().items():
             mask = confident_mask(_position(quantizer, weight), self.config.boundary_range)
@@ -165,7 +187,7 @@ class QATController:
         to D, not head_dim, so it cannot be split back into W_q, W_k); their input gets the
         activation grid of the v projection that reads the same tensor.
         """
-        self.frozen = FrozenWeights()
+        self.frozen, self.annealing = FrozenWeights(), False
         weights: dict[str, QuantSpec] = {}
         activations: dict[str, QuantSpec] = {}
         a_bits = self.config.activation_bits

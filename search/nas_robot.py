@@ -1,0 +1,56 @@
+"""The ``robot`` strategy of ``search.nas``: RoBoT over a sampled pool, queried by short
+training (validation accuracy after ``query_epochs`` epochs, one seeded run per architecture)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from search.robot import minmax_normalise, robot_search
+
+
+def run_robot(setup: Any, ctx: Any) -> tuple[list[Any], Any, dict[str, Any]]:
+    """Score the pool with every proxy, drop what breaks the limits, run RoBoT; returns
+    (candidates, chosen, extra metrics)."""
+    import torch
+
+    from slimline.evaluation import accuracy, predict
+    from slimline.training import TrainParams, fit
+
+    p = setup.params
+    pool_archs = setup.space.sample(p.pool_size, seed=ctx.seed)
+    candidates = []
+    with ctx.progress(len(pool_archs), "proxies over the pool") as bar:
+        for arch in pool_archs:
+            candidates.append(setup.evaluator(arch))
+            bar.update(1)
+    pool = [c for c in candidates if setup.limits.feasible(c)]
+    if not pool:
+        return candidates, None, {}
+    matrix = np.array([[c.scores[name] for name in p.proxies] for c in pool], dtype=np.float64)
+    x_val, y_val = ctx.data.split("val")
+    queried_accuracy: dict[str, float] = {}
+    bar = ctx.progress(min(p.query_budget, len(pool)), "short trainings")
+
+    def query(index: int) -> float:
+        torch.manual_seed(ctx.seed)
+        model = setup.space.build_model(pool[index].arch)
+        fit(model, ctx.data, TrainParams(epochs=p.query_epochs), seed=ctx.seed)
+        value = accuracy(predict(model, x_val), y_val)
+        queried_accuracy[pool[index].digest] = value
+        bar.update(1, val_acc=value)
+        return value
+
+    with bar:
+        trace = robot_search(minmax_normalise(matrix), query, p.query_budget,
+                             proxy_names=p.proxies, seed=ctx.seed)
+    for c in candidates:
+        if c.digest in queried_accuracy:
+            c.scores["query_val_accuracy"] = queried_accuracy[c.digest]
+    extra = {"robot": {"weights": dict(zip(p.proxies, trace.weights)),
+                       "exploration_queries": trace.exploration_queries,
+                       "queried": [pool[i].digest for i in trace.queried],
+                       "query_val_accuracy": trace.values,
+                       "pool": len(pool), "pool_infeasible": len(candidates) - len(pool)}}
+    return candidates, pool[trace.best], extra

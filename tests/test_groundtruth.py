@@ -1,0 +1,167 @@
+"""NAS ground truth: rank correlations, the committed fixtures, and building a fixture."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+
+from compress.prune.flops import count_params
+from search.groundtruth import (
+    FIXTURE_DIR,
+    GroundTruthConfig,
+    build_groundtruth,
+    kendall_tau,
+    load_fixture,
+    load_teacher,
+    spearman,
+)
+from slimline.io import read_json, write_json
+from slimline.training import TrainParams
+
+PROMISED = {"digits-cnn": (80, {"resnet_flex"}), "mnist1d-seq": (40, {"cnn1d", "gru"})}
+
+
+def test_kendall_tau_b_matches_hand_counts():
+    # 6 pairs: 5 concordant, 1 discordant -> (5 - 1) / 6
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+    # one tie in x, one in y, 4 concordant: tau-b = 4 / sqrt((6 - 1) * (6 - 1))
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 2, 3]) == pytest.approx(0.8)
+    assert kendall_tau([1, 2, 3], [5, 5, 5]) is None
+    assert spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    # ranks x: 1 2 3 4, y: 1 3 2 4 -> rho = 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15)
+    assert spearman([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("name", sorted(PROMISED))
+def test_committed_fixture_has_the_promised_content(name):
+    truth = load_fixture(name)
+    minimum, families = PROMISED[name]
+    assert truth.raw["complete"] and len(truth) >= minimum
+    assert set(truth.values("family")) == families
+    digests = truth.values("digest")
+    assert len(set(digests)) == len(digests)
+    assert truth.seeds == [0, 1]
+    for index, entry in enumerate(truth.architectures):
+        arch = truth.arch(index)
+        assert arch.digest == entry["digest"]
+        for key in ("val_accuracy", "test_accuracy", "distilled_val_accuracy",
+                    "distilled_test_accuracy"):
+            assert len(entry[key]) == 2 and all(0.0 <= v <= 1.0 for v in entry[key])
+        assert entry["flops"] > 0
+    # The recorded sizes are those of the models the space builds today.
+    for index in range(0, len(truth), max(1, len(truth) // 10)):
+        assert count_params(truth.build_model(index)) == truth.architectures[index]["params"]
+    for measure in ("kendall_tau", "spearman"):
+        for key in ("test_accuracy", "distilled_test_accuracy"):
+            assert -1.0 <= truth.raw["seed_to_seed"][measure][key] <= 1.0
+    teacher = truth.teacher
+    assert {"model_spec", "train", "seed", "test_accuracy"} <= set(teacher)
+    # A wider teacher than any student: distillation has something to teach.
+    assert teacher["test_accuracy"] >= max(truth.mean_accuracy("test_accuracy"))
+
+
+def test_unknown_fixture_error_lists_the_known_ones():
+    with pytest.raises(FileNotFoundError, match="no ground-truth fixture 'nope'.*known: "):
+        load_fixture("nope")
+    with pytest.raises(KeyError, match="unknown accuracy key"):
+        load_fixture("digits-cnn").mean_accuracy("accuracy")
+
+
+def _tiny_config(count: int) -> GroundTruthConfig:
+    space = {
+        "name": "tiny",
+        "input_shape": [1, 8, 8],
+        "num_classes": 10,
+        "stages": [
+            {"widths": [4, 8], "depths": [1], "kernels": [3], "stride": 1},
+            {"widths": [8, 16], "depths": [1], "kernels": [3], "stride": 2},
+        ],
+    }
+    teacher = {
+        "name": "resnet_flex",
+        "with": {"widths": [16, 16], "depths": [1, 1], "kernels": [3, 3], "strides": [1, 2],
+                 "num_classes": 10, "in_channels": 1, "input_size": [8, 8]},
+    }
+    return GroundTruthConfig(
+        name="tiny", dataset="digits", space=space, count=count, teacher_spec=teacher,
+        train=TrainParams(epochs=1, warmup_epochs=0.5), teacher_train=TrainParams(epochs=1),
+        dataset_kwargs={"test_fraction": 0.6},  # a 540-image training split keeps this quick
+    )
+
+
+def test_build_writes_the_format_and_resumes_a_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMLINE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tiny.json"
+    lines: list[str] = []
+    config = _tiny_config(2).replace(seeds=(0,))  # one seed: this test is about the file
+    fixture = build_groundtruth(config, out, log=lines.append)
+    assert read_json(out) == json.loads(json.dumps(fixture))
+    assert {"format", "name", "dataset", "space", "train", "seeds", "teacher", "distill",
+            "architectures", "seed_to_seed", "versions", "seconds"} <= set(fixture)
+    assert fixture["distill"]["loss"] == "hinton" and fixture["distill"]["alpha"] == 0.9
+    assert len(fixture["architectures"]) == 2 and len(lines) == 3  # teacher + one per arch
+    # A run killed after the first architecture: the rerun keeps it and trains only the second.
+    partial = fixture | {"complete": False, "architectures": fixture["architectures"][:1]}
+    partial["architectures"][0] = partial["architectures"][0] | {"seconds": -1.0}
+    write_json(out, partial)
+    lines.clear()
+    again = build_groundtruth(config, out, log=lines.append)
+    assert again["architectures"][0]["seconds"] == -1.0
+    assert [line.endswith("cached)") for line in lines[2:]] == [True, False]
+    assert again["architectures"][1]["test_accuracy"] == fixture["architectures"][1][
+        "test_accuracy"]
+    # Different settings do not reuse the file.
+    lines.clear()
+    build_groundtruth(config.replace(count=1, alpha=0.5), out, log=lines.append)
+    assert "starting over" in lines[1]
+
+
+@pytest.mark.slow
+def test_build_is_deterministic_and_the_teacher_is_re_created(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMLINE_CACHE", str(tmp_path / "cache"))
+    first = build_groundtruth(_tiny_config(3), tmp_path / "a.json", log=lambda _: None)
+    # A fresh cache: the teacher is trained again from its recorded spec and seed; and the
+    # second build runs as two shards and a merge.
+    monkeypatch.setenv("SLIMLINE_CACHE", str(tmp_path / "cache2"))
+    for shard in ((0, 2), (1, 2)):
+        build_groundtruth(_tiny_config(3), tmp_path / "b.json", log=lambda _: None, shard=shard)
+    assert len(list(tmp_path.glob("b.shard*of2.json"))) == 2
+    lines: list[str] = []
+    second = build_groundtruth(_tiny_config(3), tmp_path / "b.json", log=lines.append)
+    assert sum("cached" in line for line in lines) == 3
+    assert not list(tmp_path.glob("b.shard*"))
+    strip = ("seconds", "versions")
+    for a, b in zip(first["architectures"], second["architectures"]):
+        assert {k: v for k, v in a.items() if k not in strip} == {
+            k: v for k, v in b.items() if k not in strip}
+    assert first["teacher"] == second["teacher"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the re-created teacher matches the recorded accuracy
+        teacher = load_teacher(tmp_path / "a.json")
+    assert sum(p.numel() for p in teacher.parameters()) > 0
+    tau = first["seed_to_seed"]["kendall_tau"]["test_accuracy"]
+    assert tau is None or math.isfinite(tau)
+
+
+def test_fixture_dir_is_in_the_repository():
+    assert FIXTURE_DIR.name == "nas" and FIXTURE_DIR.parent.name == "fixtures"
+
+
+@pytest.mark.slow
+def test_a_committed_entry_is_reproduced_by_retraining():
+    import torch
+
+    from search.groundtruth import train_and_score
+
+    truth = load_fixture("digits-cnn")
+    dataset = truth.load_dataset()
+    torch.manual_seed(0)
+    val, test = train_and_score(truth.build_model(0), dataset, truth.train, seed=0)
+    entry = truth.architectures[0]
+    # Bit-for-bit on one thread with the recorded torch version; a close match elsewhere.
+    tolerance = 0.0 if torch.__version__ == truth.raw["versions"]["torch"] else 0.05
+    assert val == pytest.approx(entry["val_accuracy"][0], abs=tolerance)
+    assert test == pytest.approx(entry["test_accuracy"][0], abs=tolerance)
