@@ -1,9 +1,10 @@
 """Low-bit ViT QAT on digits: LSQ vs StatsQ vs StatsQ+CGA vs StatsQ+CGA+QKR.
 
-    python bench/bench_ofq.py [--bits 2 3 4] [--seeds 0 1 2] [--pretrain 8] [--epochs 6]
+    python -m bench.bench_ofq [--bits 2 3 4] [--seeds 0 1 2] [--pretrain 8] [--epochs 6]
+        [--boundary-range 0.02] [--methods lsq statsq statsq+cga statsq+cga+qkr]
     # seeds in parallel processes, then one table:
-    python bench/bench_ofq.py --seeds 1 --name ofq_seed1   (etc.)
-    python bench/bench_ofq.py --merge ofq_seed0 ofq_seed1 ofq_seed2
+    python -m bench.bench_ofq --seeds 1 --name ofq_seed1   (etc.)
+    python -m bench.bench_ofq --merge ofq_seed0 ofq_seed1 ofq_seed2
 
 All methods start from the same float ViT; W{b}A{b} with LSQ activations; reported (mean ± std
 over seeds): test accuracy of the final (grid) model, the share of oscillating weights (Nagel et
@@ -46,8 +47,9 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 4) -> str:
 def table(args: dict, results: list[dict]) -> str:
     """Markdown: one row per (bits, method), mean ± std over the seeds present."""
     rows = []
+    labels = list(dict.fromkeys(r["method"] for r in results))  # first-seen order
     for bits in sorted({r["bits"] for r in results}):
-        for method in METHODS:
+        for method in labels:
             chosen = [r for r in results if r["bits"] == bits and r["method"] == method]
             if not chosen:
                 continue
@@ -63,7 +65,9 @@ def table(args: dict, results: list[dict]) -> str:
     header = (
         f"ViT (dim 64, depth 4) on digits, seeds {seeds}, float pretrain {args['pretrain']} "
         f"epochs (float test acc {statistics.mean(floats):.4f}), QAT {args['epochs']} epochs "
-        f"(CGA: last {args['cga_epochs']}, frozen set re-chosen every step).\n\n"
+        f"(CGA: last {args['cga_epochs']}, frozen set re-chosen every step; band: the "
+        "distance to a rounding boundary, in level steps, below which a weight still trains)."
+        "\n\n"
     )
     return header + markdown_table(
         ["bits", "method", "test accuracy", "oscillating at end", "oscillating, mean over epochs"],
@@ -77,6 +81,9 @@ def main() -> None:
     parser.add_argument("--pretrain", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--cga-epochs", type=int, default=2)
+    parser.add_argument("--boundary-range", type=float, default=0.02,
+                        help="CGA band (level steps); the authors' scripts use 0.003-0.01")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--name", default="ofq", help="output name under bench/out")
     parser.add_argument("--merge", nargs="+", metavar="NAME",
                         help="only combine earlier outputs (e.g. one per seed) into --name")
@@ -84,7 +91,11 @@ def main() -> None:
     if args.merge:
         parts = [json.loads((OUT / f"{name}.json").read_text()) for name in args.merge]
         results = [r for part in parts for r in part["results"]]
-        settings = {k: v for k, v in parts[0]["args"].items() if k not in ("seeds", "name")}
+        for r in results:  # outputs from before the band option: the default band, 0.02
+            if "boundary_range" not in r and "cga" in r["method"]:
+                r["boundary_range"], r["method"] = 0.02, f"{r['method']} (band 0.02)"
+        settings = {k: v for k, v in parts[0]["args"].items()
+                    if k not in ("seeds", "name", "boundary_range", "methods")}
         settings["seeds"] = sorted({r["seed"] for r in results})
         save(args.name, {"args": settings, "merged": args.merge, "results": results},
              table(settings, results))
@@ -98,7 +109,10 @@ def main() -> None:
         fit(dense, data, TrainParams(epochs=args.pretrain), seed=seed)
         float_acc = accuracy(predict(dense, data.x_test), data.y_test)
         for bits in args.bits:
-            for method, options in METHODS.items():
+            for method in args.methods:
+                options = METHODS[method]
+                label = (f"{method} (band {args.boundary_range:g})" if options.get("cga")
+                         else method)
                 model = copy.deepcopy(dense)
                 torch.manual_seed(seed)
                 start = time.perf_counter()
@@ -107,6 +121,7 @@ def main() -> None:
                     activation_bits=bits,
                     epochs=args.epochs,
                     cga_epochs=args.cga_epochs,
+                    boundary_range=args.boundary_range,
                     **options,
                 )
                 _, history = train_qat(model, data, p, seed=seed)
@@ -114,7 +129,8 @@ def main() -> None:
                     {
                         "seed": seed,
                         "bits": bits,
-                        "method": method,
+                        "method": label,
+                        "boundary_range": args.boundary_range if options.get("cga") else None,
                         "float_accuracy": float_acc,
                         "accuracy": accuracy(predict(model, data.x_test), data.y_test),
                         "oscillation_share": history[-1]["oscillation_share"],

@@ -1,6 +1,6 @@
 """PDP vs gradual magnitude pruning vs one-shot magnitude + fine-tune, at equal epochs.
 
-    python bench/bench_pdp.py [--seeds 0 1 2] [--pretrain 10] [--epochs 10] [--taus 0.05 0.1 0.2 0.4]
+    python -m bench.bench_pdp [--seeds 0 1 2] [--pretrain 10] [--epochs 10] [--taus 0.05 0.1 0.2 0.4]
 
 Every method starts from the same dense model (trained ``--pretrain`` epochs) and trains
 ``--epochs`` more with the same optimizer and schedule; reported: test accuracy after the hard

@@ -48,33 +48,17 @@ class LatencyModel(Protocol):
 
 
 def space_choices(space: Any) -> dict[str, list[Any]]:
-    """Flat ``{parameter name: options}`` for an Optuna trial to choose from.
-
-    Spaces may define ``choices()`` / ``from_choices()`` themselves; the ResNet-style CNN space
-    is described per stage (``s0.width``, ``s0.depth``, ``s0.kernel``, ...).
-    """
-    if hasattr(space, "choices"):
-        return {name: list(options) for name, options in space.choices().items()}
-    out: dict[str, list[Any]] = {}
-    for i, stage in enumerate(space.stages):
-        out[f"s{i}.width"] = list(stage.widths)
-        out[f"s{i}.depth"] = list(stage.depths)
-        out[f"s{i}.kernel"] = list(stage.kernels)
-    return out
+    """Flat ``{parameter name: options}`` for an Optuna trial to choose from."""
+    if not hasattr(space, "trial_choices"):
+        raise ValueError(f"space {space.name!r} ({type(space).__name__}) has no fixed set of "
+                         "choices for a study (a union of families?); use strategy: robot, "
+                         "or one search stage per family")
+    return {name: list(options) for name, options in space.trial_choices().items()}
 
 
 def arch_from_params(space: Any, params: Mapping[str, Any]) -> Any:
     """The architecture a trial's chosen parameters describe (inverse of :func:`space_choices`)."""
-    if hasattr(space, "from_choices"):
-        return space.validate(space.from_choices(dict(params)))
-    from search.space import Architecture
-
-    n = len(space.stages)
-    return space.validate(Architecture(
-        tuple(int(params[f"s{i}.width"]) for i in range(n)),
-        tuple(int(params[f"s{i}.depth"]) for i in range(n)),
-        tuple(int(params[f"s{i}.kernel"]) for i in range(n)),
-    ))
+    return space.from_trial_choices(params)
 
 
 @dataclass
@@ -153,11 +137,21 @@ class CandidateEvaluator:
 
     def __init__(self, space: Any, proxies: Sequence[str], inputs: Any, *,
                  latency: LatencyModel | None = None, seed: int = 0):
+        """Proxies that cannot score this space's models (e.g. ``hidden_cov`` on a CNN, DisWOT
+        without a teacher) are left out and listed in ``skipped``."""
         from search.proxies import get_proxy
 
+        self.space, self.inputs = space, inputs
+        probe = space.build_model(space.sample(1, seed=seed)[0])
+        self.proxies, self.skipped = [], {}
         for name in proxies:
-            get_proxy(name)  # unknown names fail here, before any work
-        self.space, self.proxies, self.inputs = space, list(proxies), inputs
+            proxy = get_proxy(name)  # unknown names fail here, before any work
+            if proxy.needs_teacher and inputs.teacher is None:
+                self.skipped[name] = "needs a teacher"
+            elif not proxy.applicable(probe):
+                self.skipped[name] = f"does not apply to {type(probe).__name__}"
+            else:
+                self.proxies.append(name)
         self.latency, self.seed = latency, seed
         self.cache: dict[str, Candidate] = {}
 
@@ -200,7 +194,12 @@ def study_objective(
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
         params = {name: trial.suggest_categorical(name, options)
                   for name, options in choices.items()}
-        candidate = evaluator(arch_from_params(space, params))
+        try:
+            arch = arch_from_params(space, params)
+        except ValueError as exc:  # e.g. a ViT width the head count does not divide
+            trial.set_user_attr("invalid", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        candidate = evaluator(arch)
         record = candidate.to_dict()
         for key in ("arch", "digest", "label", "params", "flops", "latency_ms", "scores"):
             trial.set_user_attr(key, record[key])

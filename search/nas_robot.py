@@ -28,7 +28,8 @@ def run_robot(setup: Any, ctx: Any) -> tuple[list[Any], Any, dict[str, Any]]:
     pool = [c for c in candidates if setup.limits.feasible(c)]
     if not pool:
         return candidates, None, {}
-    matrix = np.array([[c.scores[name] for name in p.proxies] for c in pool], dtype=np.float64)
+    names = setup.evaluator.proxies
+    matrix = np.array([[c.scores[name] for name in names] for c in pool], dtype=np.float64)
     x_val, y_val = ctx.data.split("val")
     queried_accuracy: dict[str, float] = {}
     bar = ctx.progress(min(p.query_budget, len(pool)), "short trainings")
@@ -44,11 +45,11 @@ def run_robot(setup: Any, ctx: Any) -> tuple[list[Any], Any, dict[str, Any]]:
 
     with bar:
         trace = robot_search(minmax_normalise(matrix), query, p.query_budget,
-                             proxy_names=p.proxies, seed=ctx.seed)
+                             proxy_names=names, seed=ctx.seed)
     for c in candidates:
         if c.digest in queried_accuracy:
             c.scores["query_val_accuracy"] = queried_accuracy[c.digest]
-    extra = {"robot": {"weights": dict(zip(p.proxies, trace.weights)),
+    extra = {"robot": {"weights": dict(zip(names, trace.weights)),
                        "exploration_queries": trace.exploration_queries,
                        "queried": [pool[i].digest for i in trace.queried],
                        "query_val_accuracy": trace.values,

@@ -35,7 +35,8 @@ def summarise_search(setup: Any, candidates: list[Any], chosen: Any, work_dir: P
     summary: dict[str, Any] = {
         "strategy": p.strategy, "space": setup.space.name, "space_size": setup.space.size,
         "evaluated": len(rows), "feasible": sum(r["feasible"] for r in rows),
-        "accuracy_objective": proxy, "proxies": list(p.proxies),
+        "accuracy_objective": proxy, "proxies": list(setup.evaluator.proxies),
+        "proxies_skipped": dict(setup.evaluator.skipped),
         "limits": {"max_params": p.max_params, "max_flops": p.max_flops,
                    "max_latency_ms": setup.limits.max_latency_ms},
         "teacher_latency_ms": setup.limits.teacher_latency_ms,
@@ -81,7 +82,7 @@ def _markdown(summary: dict[str, Any], rows: list[dict[str, Any]], front: list[i
         latency = summary.get("teacher_latency_ms")
         lines += [f"Teacher: {t['params']:,} parameters, {t['flops']:,} FLOPs"
                   + (f", {latency:.4f} ms (measured)" if latency else "") + ".", ""]
-    names = list(summary["proxies"])
+    names = [n for n in summary["proxies"] if n not in (proxy, "params", "flops")]
     header = ["architecture", proxy, "latency (ms)", "params", "FLOPs", *names]
     lines += ["## Pareto front (accuracy objective vs latency)" if front else
               "## Top architectures by the accuracy objective", "",

@@ -50,37 +50,75 @@ __all__ = [
 FAMILY = "resnet_flex"
 
 
+def content_digest(data: Mapping[str, Any]) -> str:
+    """Stable 16-hex-digit hash of JSON-able ``data`` (same in every process and Python version):
+    the identity of spaces and architectures, and the key of every cache built on them."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class StageChoices:
     widths: tuple[int, ...]
     depths: tuple[int, ...]
     kernels: tuple[int, ...] = (3,)
     stride: int = 1
+    expansions: tuple[float, ...] = (1.0,)  # inner conv width / block width
+    skips: tuple[bool, ...] = (True,)  # residual connection on / off
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """One choice per stage. Equal architectures are equal, hash equally and share a digest."""
+    """One choice per stage. Equal architectures are equal, hash equally and share a digest.
+
+    ``expansions`` / ``skips`` are empty when every stage has the defaults (1.0, residual on),
+    so architectures of spaces without those choices keep the digests they always had.
+    """
 
     widths: tuple[int, ...]
     depths: tuple[int, ...]
     kernels: tuple[int, ...]
+    expansions: tuple[float, ...] = ()
+    skips: tuple[bool, ...] = ()
 
-    def to_dict(self) -> dict[str, list[int]]:
-        return {k: list(v) for k, v in asdict(self).items()}
+    def __post_init__(self) -> None:
+        if all(e == 1.0 for e in self.expansions):
+            object.__setattr__(self, "expansions", ())
+        if all(self.skips):
+            object.__setattr__(self, "skips", ())
+
+    def expansion(self, stage: int) -> float:
+        return self.expansions[stage] if self.expansions else 1.0
+
+    def skip(self, stage: int) -> bool:
+        return self.skips[stage] if self.skips else True
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {k: list(getattr(self, k))
+                                     for k in ("widths", "depths", "kernels")}
+        if self.expansions:
+            out["expansions"] = list(self.expansions)
+        if self.skips:
+            out["skips"] = list(self.skips)
+        return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Sequence[int]]) -> Architecture:
-        return cls(*(tuple(int(v) for v in data[k]) for k in ("widths", "depths", "kernels")))
+    def from_dict(cls, data: Mapping[str, Sequence[Any]]) -> Architecture:
+        return cls(*(tuple(int(v) for v in data[k]) for k in ("widths", "depths", "kernels")),
+                   tuple(float(v) for v in data.get("expansions", ())),
+                   tuple(bool(v) for v in data.get("skips", ())))
 
     @property
     def digest(self) -> str:
         """Stable 16-hex-digit content hash (the same in every process and Python version)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return content_digest(self.to_dict())
 
     def __str__(self) -> str:
-        return "-".join(f"w{w}d{d}k{k}" for w, d, k in zip(self.widths, self.depths, self.kernels))
+        return "-".join(
+            f"w{w}d{d}k{k}" + (f"e{self.expansion(i):g}" if self.expansion(i) != 1.0 else "")
+            + ("" if self.skip(i) else "n")
+            for i, (w, d, k) in enumerate(zip(self.widths, self.depths, self.kernels))
+        )
 
 
 @dataclass(frozen=True)
@@ -93,14 +131,18 @@ class BlockSpec:
     kernel: int
     stride: int
     input_size: tuple[int, int]
+    expansion: float = 1.0
+    skip: bool = True
 
     @property
     def key(self) -> str:
-        """Lookup-table key, e.g. ``block:c16-32:k3:s2:r8x8``."""
+        """Lookup-table key, e.g. ``block:c16-32:k3:s2:r8x8`` (``:e2`` / ``:noskip`` appended
+        for a non-default expansion / no residual)."""
         h, w = self.input_size
         return (
             f"{self.kind}:c{self.in_channels}-{self.out_channels}:k{self.kernel}:s{self.stride}"
-            f":r{h}x{w}"
+            f":r{h}x{w}" + (f":e{self.expansion:g}" if self.expansion != 1.0 else "")
+            + ("" if self.skip else ":noskip")
         )
 
     @property
@@ -150,11 +192,11 @@ class SearchSpace:
             where = f"stages[{i}]"
             if not isinstance(stage, Mapping):
                 raise fail(where, f"expected a mapping, got {stage!r}")
-            extra = set(stage) - {"widths", "depths", "kernels", "stride"}
+            extra = set(stage) - {"widths", "depths", "kernels", "stride", "expansions", "skips"}
             if extra:
                 raise fail(
                     f"{where}.{sorted(extra)[0]}",
-                    "unknown key (known: widths, depths, kernels, stride)",
+                    "unknown key (known: widths, depths, kernels, stride, expansions, skips)",
                 )
             values = {}
             for key in ("widths", "depths", "kernels"):
@@ -173,7 +215,21 @@ class SearchSpace:
             stride = stage.get("stride", 1)
             if not isinstance(stride, int) or stride < 1:
                 raise fail(f"{where}.stride", f"expected a positive integer, got {stride!r}")
-            stages.append(StageChoices(**values, stride=stride))
+            expansions = stage.get("expansions", [1.0])
+            if (not isinstance(expansions, Sequence) or not expansions
+                    or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0
+                               for e in expansions)
+                    or len(set(expansions)) != len(expansions)):
+                raise fail(f"{where}.expansions", "expected distinct positive numbers, got "
+                           f"{expansions!r}")
+            skips = stage.get("skips", [True])
+            if (not isinstance(skips, Sequence) or not skips
+                    or not all(isinstance(v, bool) for v in skips) or len(set(skips)) != len(skips)):
+                raise fail(f"{where}.skips", f"expected [true], [false] or [true, false], got "
+                           f"{skips!r}")
+            stages.append(StageChoices(**values, stride=stride,
+                                       expansions=tuple(float(e) for e in expansions),
+                                       skips=tuple(skips)))
         return cls(
             name=str(data.get("name", "space")),
             in_channels=int(shape[0]),
@@ -195,20 +251,22 @@ class SearchSpace:
                     "kernels": list(s.kernels),
                     "stride": s.stride,
                 }
+                | ({"expansions": list(s.expansions)} if s.expansions != (1.0,) else {})
+                | ({"skips": list(s.skips)} if s.skips != (True,) else {})
                 for s in self.stages
             ],
         }
 
     @property
     def digest(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return content_digest(self.to_dict())
 
     # ---- architectures ---------------------------------------------------------------------
     @property
     def size(self) -> int:
         """How many distinct architectures the space holds."""
-        return math.prod(len(s.widths) * len(s.depths) * len(s.kernels) for s in self.stages)
+        return math.prod(len(s.widths) * len(s.depths) * len(s.kernels) * len(s.expansions)
+                         * len(s.skips) for s in self.stages)
 
     def architecture_from_dict(self, data: Mapping[str, Any]) -> Architecture:
         """The inverse of ``Architecture.to_dict`` (validated against this space)."""
@@ -225,13 +283,43 @@ class SearchSpace:
                 tuple(rng.choice(s.widths) for s in self.stages),
                 tuple(rng.choice(s.depths) for s in self.stages),
                 tuple(rng.choice(s.kernels) for s in self.stages),
+                # Single-option choices draw nothing, so older spaces sample as they always did.
+                tuple(_pick(rng, s.expansions) for s in self.stages),
+                tuple(_pick(rng, s.skips) for s in self.stages),
             )
             seen.setdefault(arch, None)
         return list(seen)
 
+    def trial_choices(self) -> dict[str, tuple[int, ...]]:
+        """Flat ``{name: options}`` (``s0.width``, ``s0.depth``, ``s0.kernel``, ``s1.width``,
+        ...) for a sampler to pick from."""
+        out: dict[str, tuple[int, ...]] = {}
+        for i, stage in enumerate(self.stages):
+            out.update({f"s{i}.width": stage.widths, f"s{i}.depth": stage.depths,
+                        f"s{i}.kernel": stage.kernels})
+            if len(stage.expansions) > 1:
+                out[f"s{i}.expansion"] = stage.expansions
+            if len(stage.skips) > 1:
+                out[f"s{i}.skip"] = stage.skips
+        return out
+
+    def from_trial_choices(self, picks: Mapping[str, Any]) -> Architecture:
+        """The architecture ``picks`` (keyed as in :meth:`trial_choices`) describes."""
+        n = range(len(self.stages))
+        return self.validate(Architecture(
+            tuple(int(picks[f"s{i}.width"]) for i in n),
+            tuple(int(picks[f"s{i}.depth"]) for i in n),
+            tuple(int(picks[f"s{i}.kernel"]) for i in n),
+            tuple(float(picks.get(f"s{i}.expansion", s.expansions[0]))
+                  for i, s in enumerate(self.stages)),
+            tuple(bool(picks.get(f"s{i}.skip", s.skips[0])) for i, s in enumerate(self.stages)),
+        ))
+
     def validate(self, arch: Architecture) -> Architecture:
         """``arch`` if the space can produce it; otherwise ValueError naming the stage."""
-        if not len(arch.widths) == len(arch.depths) == len(arch.kernels) == len(self.stages):
+        lengths = {len(arch.widths), len(arch.depths), len(arch.kernels), len(self.stages)}
+        lengths |= {len(v) for v in (arch.expansions, arch.skips) if v}
+        if len(lengths) != 1:
             raise ValueError(
                 f"{arch} has a different number of stages than space {self.name!r} "
                 f"({len(self.stages)})"
@@ -243,6 +331,8 @@ class SearchSpace:
                 ("width", w, stage.widths),
                 ("depth", d, stage.depths),
                 ("kernel", k, stage.kernels),
+                ("expansion", arch.expansion(i), stage.expansions),
+                ("skip", arch.skip(i), stage.skips),
             ):
                 if value not in choices:
                     raise ValueError(
@@ -257,10 +347,13 @@ class SearchSpace:
         size = self.input_size
         parts = [BlockSpec("stem", self.in_channels, arch.widths[0], 3, 1, size)]
         channels = arch.widths[0]
-        for stage, width, depth, kernel in zip(self.stages, arch.widths, arch.depths, arch.kernels):
+        for i, (stage, width, depth, kernel) in enumerate(
+            zip(self.stages, arch.widths, arch.depths, arch.kernels)
+        ):
             for index in range(depth):
                 stride = stage.stride if index == 0 else 1
-                parts.append(BlockSpec("block", channels, width, kernel, stride, size))
+                parts.append(BlockSpec("block", channels, width, kernel, stride, size,
+                                       arch.expansion(i), arch.skip(i)))
                 size, channels = parts[-1].output_size, width
         parts.append(BlockSpec("head", channels, self.num_classes, 1, 1, size))
         return parts
@@ -284,12 +377,13 @@ class SearchSpace:
                 if index == 0
                 else list(itertools.product(previous, stage.widths))
             )
-            for (c_in, c_out), k in itertools.product(pairs, stage.kernels):
-                first = BlockSpec("block", c_in, c_out, k, stage.stride, size)
+            variants = list(itertools.product(stage.expansions, stage.skips))
+            for (c_in, c_out), k, (e, skip) in itertools.product(pairs, stage.kernels, variants):
+                first = BlockSpec("block", c_in, c_out, k, stage.stride, size, e, skip)
                 found.setdefault(first.key, first)
             if max(stage.depths) > 1:
-                for c, k in itertools.product(stage.widths, stage.kernels):
-                    repeat = BlockSpec("block", c, c, k, 1, out_size)
+                for c, k, (e, skip) in itertools.product(stage.widths, stage.kernels, variants):
+                    repeat = BlockSpec("block", c, c, k, 1, out_size, e, skip)
                     found.setdefault(repeat.key, repeat)
             previous, size = stage.widths, out_size
         for w in previous:
@@ -325,7 +419,8 @@ class SearchSpace:
             return FlexStem(block.in_channels, block.out_channels)
         if block.kind == "head":
             return FlexHead(block.in_channels, block.out_channels)
-        return FlexBlock(block.in_channels, block.out_channels, block.stride, block.kernel)
+        return FlexBlock(block.in_channels, block.out_channels, block.stride, block.kernel,
+                         block.expansion, block.skip)
 
 
 def space_from_dict(data: Mapping[str, Any], *, source: str = "search space") -> Any:
@@ -380,6 +475,10 @@ def default_space() -> SearchSpace:
         },
         source="default_space()",
     )
+
+
+def _pick(rng: random.Random, options: Sequence[Any]) -> Any:
+    return options[0] if len(options) == 1 else rng.choice(options)
 
 
 def _positive_ints(values: Sequence[Any]) -> bool:

@@ -20,14 +20,14 @@ search and the ground-truth builder use. Torch-free except ``build_model``.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from search.space import content_digest
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -83,8 +83,7 @@ class GridArchitecture:
     @property
     def digest(self) -> str:
         """Stable 16-hex-digit content hash (family included)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return content_digest(self.to_dict())
 
     def __str__(self) -> str:
         def show(v: Any) -> str:
@@ -220,8 +219,7 @@ class GridSpace:
 
     @property
     def digest(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return content_digest(self.to_dict())
 
     # ---- architectures ---------------------------------------------------------------------
     def _axes(self) -> list[tuple[str, int | None, tuple[Any, ...]]]:
@@ -300,6 +298,16 @@ class GridSpace:
         if problem:
             raise ValueError(f"{arch} is not valid in space {self.name!r}: {problem}")
         return arch
+
+    def trial_choices(self) -> dict[str, tuple[Any, ...]]:
+        """Flat ``{name: options}`` (``key`` or ``key[stage]``) for a sampler to pick from."""
+        return {key if stage is None else f"{key}[{stage}]": choices
+                for key, stage, choices in self._axes()}
+
+    def from_trial_choices(self, picks: Mapping[str, Any]) -> GridArchitecture:
+        """The architecture ``picks`` (keyed as in :meth:`trial_choices`) describes; ValueError
+        when the combination is not a valid network (e.g. heads not dividing the width)."""
+        return self.validate(self._assemble([picks[name] for name in self.trial_choices()]))
 
     def architecture_from_dict(self, data: Mapping[str, Any]) -> GridArchitecture:
         """The inverse of ``GridArchitecture.to_dict`` (validated against this space); values

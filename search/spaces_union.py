@@ -11,13 +11,12 @@ Architectures keep their own family, so every call goes to the member of that fa
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from search.space import content_digest
 from search.spaces_grid import Fail, no_lookup_table
 
 if TYPE_CHECKING:
@@ -73,8 +72,7 @@ class UnionSpace:
 
     @property
     def digest(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return content_digest(self.to_dict())
 
     @property
     def size(self) -> int:

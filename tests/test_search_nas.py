@@ -91,7 +91,8 @@ def _search_json(result) -> dict:
 
 def test_study_strategy_respects_limits_and_picks_the_best_feasible(tmp_path):
     path = _recipe(tmp_path, {"strategy": "tpe", "trials": 6, "latency": "none",
-                              "proxies": ["naswot", "params"], "max_params": 6000})
+                              "accuracy_proxy": "naswot", "proxies": ["naswot", "params"],
+                              "max_params": 6000})
     result = run(path, run_dir=tmp_path / "run", progress=False)
     data = _search_json(result)
     rows = data["candidates"]
@@ -195,7 +196,7 @@ def test_nas_distill_recipe_end_to_end_small(tmp_path):
                             .read_text())
     stages = {s["id"]: s for s in recipe["stages"]}
     stages["teacher"]["with"]["epochs"] = 2
-    stages["search"]["with"].update(trials=8, max_latency_ratio=0.7)
+    stages["search"]["with"].update(trials=16, max_latency_ratio=0.7)
     stages["student"]["with"]["epochs"] = 2
     for profile in ("profile_teacher", "profile_student"):
         stages[profile]["with"] = {"batch_sizes": [1], "runs": 20}
@@ -211,3 +212,41 @@ def test_nas_distill_recipe_end_to_end_small(tmp_path):
     report = result.report_path.read_text()
     assert "student → export_student" in report and "teacher → export_teacher" in report
     assert "search over `digits-resnet-flex`" in report
+
+
+def test_inline_vit_space_skips_invalid_combinations_and_measures_latency(tmp_path):
+    """A transformer space written inline in the recipe: widths the head count does not divide
+    are pruned trials (never evaluated, not counted), latency is measured per candidate."""
+    vit = {"family": "vit", "name": "tiny-vit", "input_shape": [1, 8, 8], "patch_size": 2,
+           "depths": [1, 2], "widths": [12, 16], "heads": [3, 4], "mlp_ratios": [1, 2]}
+    recipe = {
+        "name": "vitnas", "seed": 0, "model": {"name": "mlp"}, "data": {"name": "digits"},
+        "stages": [
+            {"id": "teacher", "uses": "train", "with": {"epochs": 1}},
+            {"id": "search", "uses": "search.nas", "needs": ["teacher"],
+             "with": {"space": vit, "strategy": "random", "trials": 4, "latency": "measure",
+                      "accuracy_proxy": "synaptic_diversity",
+                      "proxies": ["attention_confidence", "params"]}},
+        ],
+    }
+    result = run(recipe, run_dir=tmp_path / "run", progress=False)
+    rows = _search_json(result)["candidates"]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["arch"]["width"] % row["arch"]["heads"] == 0
+        assert row["latency_ms"] > 0
+    assert result.artifact("search").model_spec["name"] == "vit"
+
+
+def test_bad_inline_space_fails_validation_with_its_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "name: bad\nmodel: {name: mlp}\ndata: {name: digits}\nstages:\n"
+        "  - id: search\n    uses: search.nas\n    with:\n"
+        "      space: {family: vit, input_shape: [1, 8, 8], depths: [1], widths: [10],\n"
+        "              heads: [3], mlp_ratios: [1]}\n")
+    import slimline
+    from slimline.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"bad.yaml:8: stages\[0\].with.space: .*heads"):
+        slimline.validate(path)

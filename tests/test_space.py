@@ -182,3 +182,62 @@ def test_non_resnet_spaces_refuse_a_latency_lookup_table_clearly():
     for data in (VIT, GRU, {"family": "union", "spaces": [CNN1D, GRU]}):
         with pytest.raises(ValueError, match="lookup table needs a 'resnet_flex' space"):
             space_from_dict(data).distinct_blocks()
+
+
+# ---- expansion and skip choices of the CNN space -------------------------------------------
+
+EXPANDING = {
+    "name": "exp-skip",
+    "input_shape": [1, 8, 8],
+    "num_classes": 10,
+    "stages": [
+        {"widths": [4, 8], "depths": [1, 2], "kernels": [3], "stride": 1,
+         "expansions": [1, 2], "skips": [True, False]},
+        {"widths": [8], "depths": [1], "kernels": [3], "stride": 2},
+    ],
+}
+
+
+def test_expansion_and_skip_are_choices_of_the_cnn_space():
+    import torch
+
+    from search.space import Architecture, SearchSpace
+
+    space = SearchSpace.from_dict(EXPANDING)
+    assert space.size == 2 * 2 * 2 * 2
+    assert SearchSpace.from_dict(space.to_dict()) == space
+    everything = space.sample(space.size)
+    assert len({a.digest for a in everything}) == space.size
+    lut_keys = {b.key for b in space.distinct_blocks()}
+    for arch in everything:
+        assert set(space.block_keys(arch)) <= lut_keys  # the LUT covers every architecture
+        assert space.architecture_from_dict(arch.to_dict()) == arch
+        model = space.build_model(arch)
+        block = model.stages[0][0]
+        assert block.conv1.out_channels == round(arch.widths[0] * arch.expansion(0))
+        assert block.skip == arch.skip(0)
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    choices = space.trial_choices()
+    assert choices["s0.expansion"] == (1.0, 2.0) and choices["s0.skip"] == (True, False)
+    assert "s1.expansion" not in choices  # a single option is not a choice
+    # Defaults are canonical: spelling them out does not change identity or the digest.
+    plain = Architecture((4, 8), (1, 1), (3, 3))
+    assert Architecture((4, 8), (1, 1), (3, 3), (1.0, 1.0), (True, True)) == plain
+    assert plain.digest == Architecture.from_dict({"widths": [4, 8], "depths": [1, 1],
+                                                   "kernels": [3, 3]}).digest
+    with pytest.raises(ValueError, match="skips"):
+        SearchSpace.from_dict(EXPANDING | {"stages": [
+            {"widths": [4], "depths": [1], "skips": ["yes"]}]})
+
+
+def test_a_block_without_skip_has_no_residual_path():
+    import torch
+
+    from slimline.models.resnet import BasicBlock
+
+    x = torch.rand(1, 4, 6, 6)
+    for skip, expected in ((True, torch.relu(x)), (False, torch.zeros_like(x))):
+        block = BasicBlock(4, 4, skip=skip, expansion=0.5).eval()
+        torch.nn.init.zeros_(block.conv2.weight)  # the residual branch outputs BN's bias: 0
+        torch.testing.assert_close(block(x), expected)
+        assert block.conv1.out_channels == 2

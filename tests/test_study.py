@@ -123,30 +123,34 @@ def _trial(number: int, state: TrialState, *, retry_of: list[int] | None = None,
 
 # max_retry = 2. Logical trial 3 was retried as 5 and 6 and has no retry left; 1 waits for its
 # retry 4; 7 was just failed by the heartbeat (its retry is about to be added); 9 lost the race.
-HAND_BUILT = [
-    _trial(0, TrialState.COMPLETE),
-    _trial(1, TrialState.FAIL),
-    _trial(2, TrialState.FAIL, user={ERROR_ATTR: True}),
-    _trial(3, TrialState.FAIL),
-    _trial(4, TrialState.WAITING, retry_of=[1]),
-    _trial(5, TrialState.FAIL, retry_of=[3]),
-    _trial(6, TrialState.FAIL, retry_of=[3, 5]),
-    _trial(7, TrialState.FAIL),
-    _trial(8, TrialState.RUNNING),
-    _trial(9, TrialState.PRUNED, user={OVER_CAP_ATTR: True}),
-    _trial(10, TrialState.COMPLETE, retry_of=[8]),  # (a retry completing: same logical trial)
-]
+def _hand_built() -> list:
+    """Built when called: a heartbeat FAIL's retry slot expires RETRY_DUE_WINDOW_S after its end
+    time, so module-level trials would expire when the suite runs for more than a minute."""
+    return [
+        _trial(0, TrialState.COMPLETE),
+        _trial(1, TrialState.FAIL),
+        _trial(2, TrialState.FAIL, user={ERROR_ATTR: True}),
+        _trial(3, TrialState.FAIL),
+        _trial(4, TrialState.WAITING, retry_of=[1]),
+        _trial(5, TrialState.FAIL, retry_of=[3]),
+        _trial(6, TrialState.FAIL, retry_of=[3, 5]),
+        _trial(7, TrialState.FAIL),
+        _trial(8, TrialState.RUNNING),
+        _trial(9, TrialState.PRUNED, user={OVER_CAP_ATTR: True}),
+        _trial(10, TrialState.COMPLETE, retry_of=[8]),  # (a retry completing: same logical trial)
+    ]
 
 
 def test_tally_counts_logical_trials_by_hand() -> None:
-    result = tally(HAND_BUILT, max_retry=2)
+    hand_built = _hand_built()
+    result = tally(hand_built, max_retry=2)
     assert result.complete == {0, 8}
     assert result.live == {1, 7}
     assert result.failed == {2, 3}
     assert (result.waiting, result.running, result.committed) == (1, 1, 4)
-    lower = tally(HAND_BUILT, max_retry=2, before=7)
+    lower = tally(hand_built, max_retry=2, before=7)
     assert (lower.complete, lower.live, lower.failed) == ({0}, {1}, {2, 3})
-    assert [logical_number(t) for t in HAND_BUILT] == [0, 1, 2, 3, 1, 3, 3, 7, 8, 9, 8]
+    assert [logical_number(t) for t in hand_built] == [0, 1, 2, 3, 1, 3, 3, 7, 8, 9, 8]
     # A heartbeat FAIL whose retry never appeared (the failing process died) frees its slot.
     orphaned = _trial(7, TrialState.FAIL, age_s=study_mod.RETRY_DUE_WINDOW_S + 1)
     assert tally([orphaned], max_retry=2).failed == {7}

@@ -57,13 +57,20 @@ class FlexNet(nn.Module):
         depths: Sequence[int],
         kernels: Sequence[int],
         strides: Sequence[int],
+        expansions: Sequence[float] | None = None,
+        skips: Sequence[bool] | None = None,
     ):
         super().__init__()
+        expansions = expansions or [1.0] * len(widths)
+        skips = skips if skips is not None and len(skips) else [True] * len(widths)
         self.stem = FlexStem(in_channels, widths[0])
         stages, channels = [], widths[0]
-        for width, depth, kernel, stride in zip(widths, depths, kernels, strides, strict=True):
-            blocks = [FlexBlock(channels, width, stride, kernel)]
-            blocks += [FlexBlock(width, width, 1, kernel) for _ in range(depth - 1)]
+        for width, depth, kernel, stride, expansion, skip in zip(
+            widths, depths, kernels, strides, expansions, skips, strict=True
+        ):
+            blocks = [FlexBlock(channels, width, stride, kernel, expansion, skip)]
+            blocks += [FlexBlock(width, width, 1, kernel, expansion, skip)
+                       for _ in range(depth - 1)]
             stages.append(nn.Sequential(*blocks))
             channels = width
         self.stages = nn.Sequential(*stages)
@@ -86,8 +93,11 @@ def resnet_flex(
     depths: Sequence[int] = (1, 1, 1),
     kernels: Sequence[int] = (3, 3, 3),
     strides: Sequence[int] = (1, 2, 2),
+    expansions: Sequence[float] | None = None,
+    skips: Sequence[bool] | None = None,
 ) -> nn.Module:
-    """ResNet-style net, width/depth/kernel per stage (the search space family); stem = widths[0]."""
+    """ResNet-style net, width/depth/kernel (optionally inner-width expansion and residual on/off)
+    per stage: the search space family; stem = widths[0]."""
     if len(tuple(input_size)) != 2:
         raise ValueError(f"resnet_flex expects input_size=(H, W), got {input_size!r}")
     lengths = {len(widths), len(depths), len(kernels), len(strides)}
@@ -105,4 +115,7 @@ def resnet_flex(
             raise ValueError(f"resnet_flex {label} must be >= {low}, got {list(values)}")
     if any(k < 1 or k % 2 == 0 for k in kernels):
         raise ValueError(f"resnet_flex kernels must be odd, got {list(kernels)}")
-    return FlexNet(num_classes, in_channels, widths, depths, kernels, strides)
+    for label, values in (("expansions", expansions), ("skips", skips)):
+        if values and len(values) != len(widths):
+            raise ValueError(f"resnet_flex {label} needs one entry per stage, got {list(values)}")
+    return FlexNet(num_classes, in_channels, widths, depths, kernels, strides, expansions, skips)

@@ -12,24 +12,31 @@ from slimline.models import register_model
 
 class BasicBlock(nn.Module):
     """Two conv+BN layers (3x3 by default) with a residual add; a 1x1 conv+BN shortcut when the
-    shape changes. ``kernel`` serves the search space's ``resnet_flex`` family."""
+    shape changes. ``kernel``, ``expansion`` (inner width / output width) and ``skip`` (the
+    residual on or off) serve the search space's ``resnet_flex`` family."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel: int = 3):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, kernel: int = 3,
+                 expansion: float = 1.0, skip: bool = True):
         super().__init__()
         if kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (same padding), got {kernel}")
+        if expansion <= 0:
+            raise ValueError(f"expansion must be positive, got {expansion}")
         padding = kernel // 2
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel, 1, padding, bias=False)
+        # ``expansion`` widens (or narrows) the inner conv: out_channels * expansion channels.
+        hidden = max(1, round(out_channels * expansion))
+        self.conv1 = nn.Conv2d(in_channels, hidden, kernel, stride, padding, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, out_channels, kernel, 1, padding, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         # Separate, out-of-place ReLUs: hooks and quantization observers see each activation once,
         # and a hook that keeps a BN output does not see it rewritten by the ReLU.
         self.relu1 = nn.ReLU()
         self.relu2 = nn.ReLU()
         # Identity shortcut keeps the block cheap; only projection shortcuts carry parameters.
+        self.skip = skip
         self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
+        if skip and (stride != 1 or in_channels != out_channels):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
                 nn.BatchNorm2d(out_channels),
@@ -38,7 +45,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x) if self.skip else out)
 
 
 class ResNet(nn.Module):

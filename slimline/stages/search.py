@@ -22,19 +22,24 @@ from slimline.io import write_json, write_text
 from slimline.params import ParamError, param
 from slimline.stage import StageContext, register_stage
 
-DEFAULT_PROXIES = ["naswot", "synflow", "snip", "grad_norm", "jacob_cov", "zen"]
+# What bench/bench_proxies.py ranks best on our ground truth, plus the cheap baselines; the
+# ones that do not apply to a space's models are skipped (e.g. naswot without ReLUs).
+DEFAULT_PROXIES = ["snip", "synflow", "grad_norm", "naswot", "zen", "diswot_relation", "params",
+                   "flops"]
 
 
 @dataclass
 class NasParams:
-    space: str = param(
-        "default", help="search space YAML file, or 'default' (the digits ResNet-style space)")
+    space: str | dict[str, Any] = param(
+        "default", help="search space: a mapping (family, stages/choices; see docs/search.md), "
+        "a YAML file, or 'default' (the digits ResNet-style space)")
     strategy: Literal["nsga2", "tpe", "random", "robot"] = param(
         "nsga2", help="nsga2/tpe/random: Optuna study over the space; robot: RoBoT over a pool")
     trials: int = param(40, help="nsga2/tpe/random: architectures the study evaluates in all "
                         "(over every worker)")
     accuracy_proxy: str = param(
-        "naswot", help="nsga2/tpe/random: the zero-cost proxy maximised as the accuracy objective")
+        "snip", help="nsga2/tpe/random: the zero-cost proxy maximised as the accuracy objective "
+        "(see bench/RESULTS.md for how each ranks trained networks)")
     proxies: list[str] = param(
         DEFAULT_PROXIES, help="proxies computed for every candidate (robot combines these)")
     latency: Literal["table", "measure", "none"] = param(
@@ -59,6 +64,7 @@ class NasParams:
     wait_timeout_s: float = param(1800.0, help="how long to wait for other workers' trials")
 
     def __post_init__(self) -> None:
+        load_search_space(self.space)  # a bad space fails at validation, with its line
         for name in ("trials", "query_budget", "pool_size", "query_epochs", "proxy_batch"):
             if getattr(self, name) < 1:
                 raise ParamError(name, f"must be at least 1, got {getattr(self, name)}")
@@ -77,15 +83,23 @@ class NasParams:
                              f"{self.pool_size}")
 
 
-def load_search_space(reference: str) -> Any:
-    from search.space import default_space, load_space
+def load_search_space(reference: str | dict[str, Any]) -> Any:
+    from search.space import default_space, load_space, space_from_dict
 
+    if isinstance(reference, dict):
+        try:
+            return space_from_dict(reference)
+        except ValueError as exc:
+            raise ParamError("space", str(exc)) from None
     if reference == "default":
         return default_space()
     if not Path(reference).is_file():
         raise ParamError("space", f"no such file {reference!r} (give a YAML path relative to "
                          f"{os.getcwd()}, or 'default')")
-    return load_space(reference)
+    try:
+        return load_space(reference)
+    except ValueError as exc:
+        raise ParamError("space", str(exc)) from None
 
 
 @dataclass
@@ -145,6 +159,12 @@ def prepare_search(p: NasParams, data: Any, teacher: Artifact | None, *, seed: i
         log(f"latency limit {limits.max_latency_ms:.4f} ms = {p.max_latency_ratio} x the "
             f"teacher's {teacher_ms:.4f} ms")
     evaluator = CandidateEvaluator(space, p.proxies, inputs, latency=latency, seed=seed)
+    if evaluator.skipped:
+        log("proxies left out: " + ", ".join(f"{k} ({v})" for k, v in evaluator.skipped.items()))
+    objective_proxy = p.accuracy_proxy if p.strategy != "robot" else None
+    if objective_proxy is not None and objective_proxy in evaluator.skipped:
+        raise ParamError("accuracy_proxy", f"{objective_proxy!r} "
+                         f"{evaluator.skipped[objective_proxy]} in space {space.name!r}")
     directions = ["maximize"] + (["minimize"] if p.latency != "none" else [])
     return SearchSetup(p, space, evaluator, limits, directions)
 

@@ -36,7 +36,7 @@ class QATConfig:
     weight_bits: int = 3
     activation_bits: int = 3
     qkr: bool = False
-    boundary_range: float = 0.02  # CGA: steps from a rounding boundary that still train
+    boundary_range: float = 0.005  # CGA: steps from a rounding boundary that still train
     skip: str | None = r"^(patch_embed|head)$"
     # Nagel et al. use momentum 0.01 over thousands of steps; our runs have ~25 steps per epoch,
     # so 0.05 makes the frequency a window of about one epoch.
