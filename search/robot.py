@@ -152,13 +152,18 @@ def robot_search(
         weights = [trial.suggest_float(f"w[{name}]", -1.0, 1.0) for name in names]
         return cached(int(np.argmax(combined_scores(normalised, weights))))
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     rounds = budget - 1 if exploration_rounds is None else exploration_rounds
-    study = optuna.create_study(direction="maximize", sampler=_sampler(sampler, seed, rounds))
-    for _ in range(rounds):
-        if len(trace.queried) >= budget:
-            break
-        study.optimize(objective, n_trials=1)
+    verbosity = optuna.logging.get_verbosity()
+    # Per-trial INFO lines and the GP sampler's "no greenlet" notice would flood a search log.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = optuna.create_study(direction="maximize", sampler=_sampler(sampler, seed, rounds))
+        for _ in range(rounds):
+            if len(trace.queried) >= budget:
+                break
+            study.optimize(objective, n_trials=1)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     trace.exploration_queries = len(trace.queried)
     if study.trials:
         best_weights = [study.best_params[f"w[{name}]"] for name in names]
