@@ -116,6 +116,7 @@ def test_nsga2_with_a_latency_table_writes_a_front(tmp_path):
     rows = {r["digest"]: r for r in data["candidates"]}
     assert front and (directory / "pareto.png").is_file()
     assert (directory / "latency_table.json").is_file()
+    assert not list(directory.rglob("*.onnx"))  # the timed block files are not kept
     for digest in front:  # nothing evaluated dominates a front member
         a = rows[digest]
         assert not any(b["accuracy_score"] >= a["accuracy_score"]

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from slimline.artifact import Artifact
-from slimline.io import write_json, write_text
 from slimline.params import ParamError, param
 from slimline.stage import StageContext, register_stage
 
@@ -179,9 +179,10 @@ def _latency_table(p: NasParams, space: Any, work_dir: Path, log) -> Any:
     if p.latency_table is not None:
         return LatencyTable.load(p.latency_table)
     log(f"measuring a block latency table for space {space.name!r} (1 thread, batch 1)")
-    blocks = export_space_blocks(space, work_dir / "lut-blocks")
-    table = measure_lut(blocks.parent, runs=60, rounds=10)
-    table.save(work_dir / "latency_table.json")
+    with tempfile.TemporaryDirectory(prefix="slimline-lut-") as blocks:
+        export_space_blocks(space, blocks)
+        table = measure_lut(blocks, runs=60, rounds=10)
+    table.save(work_dir / "latency_table.json")  # the table is kept; the block files are not
     return table
 
 
@@ -221,7 +222,10 @@ def search_nas(ctx: StageContext, inputs: list[Artifact], p: NasParams) -> Artif
     out = Artifact(model=model, model_spec=chosen.model_spec,
                    input_shape=tuple(teacher.input_shape), metrics=metrics,
                    history=list(teacher.history))
-    out.files.update({f.stem: f for f in ctx.work_dir.glob("search.*")})
+    for key, name in (("search_json", "search.json"), ("search_md", "search.md"),
+                      ("pareto_plot", "pareto.png"), ("latency_table", "latency_table.json")):
+        if (ctx.work_dir / name).is_file():
+            out.files[key] = ctx.work_dir / name
     return out
 
 
@@ -272,8 +276,3 @@ def _finite(value: float) -> float:
 def study_name(stage_id: str, cache_key: str) -> str:
     """Tied to the stage's cache key: changing the recipe starts a new study."""
     return f"slimline-{stage_id}-{cache_key[:12]}" if cache_key else f"slimline-{stage_id}"
-
-
-def write_search_files(work_dir: Path, data: dict[str, Any], markdown: str) -> None:
-    write_json(work_dir / "search.json", data)
-    write_text(work_dir / "search.md", markdown + "\n")
