@@ -75,8 +75,12 @@ def test_artifact_roundtrip_keeps_masks_and_lineage(tmp_path: Path, tiny_recipe)
 
 def _cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A shell without job control starts background jobs with SIGINT ignored, and an ignored
+    # signal stays ignored across exec: Python would then never raise KeyboardInterrupt. Give
+    # the child the default disposition so the SIGINT case tests our handling, not the caller's.
     return subprocess.Popen([sys.executable, "-m", "slimline.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _slow_recipe(tmp_path: Path, tiny_recipe) -> Path:
