@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -123,7 +124,7 @@ def _choice_list(fail: Fail, key: str, raw: Any, kind: type) -> tuple[Any, ...]:
     return values
 
 
-class GridSpace:
+class GridSpace(ABC):
     """A family's grid: global ``choices`` and per-stage ``stages`` choice lists.
 
     Subclasses set ``family``/``model_name``, the choice keys (space key -> architecture key),
@@ -202,7 +203,9 @@ class GridSpace:
         return space
 
     def _check(self, fail: Fail) -> None:
-        """Family-specific checks of the whole space (raise ``fail(key, message)``)."""
+        """Family-specific checks of the whole space (raise ``fail(key, message)``); an optional
+        hook: families without cross-choice rules keep this no-op."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -330,8 +333,9 @@ class GridSpace:
         raise ValueError(no_lookup_table(self.family))
 
     # ---- models ----------------------------------------------------------------------------
+    @abstractmethod
     def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
-        raise NotImplementedError
+        """The zoo builder's keyword arguments for ``arch`` (the family's own mapping)."""
 
     def model_spec(self, arch: GridArchitecture) -> dict[str, Any]:
         """The recipe ``model:`` entry that builds ``arch``."""

@@ -10,6 +10,7 @@ and it restores grad mode, default dtype and the global RNG afterwards.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class ProxyError(ValueError):
         super().__init__(f"proxy {proxy!r} cannot score {kind}: {problem}")
 
 
-class Proxy:
+class Proxy(ABC):
     """A training-free score. Subclasses set ``name`` and implement :meth:`compute`."""
 
     name: ClassVar[str]
@@ -71,8 +72,9 @@ class Proxy:
     def why_not_applicable(self, model: nn.Module) -> str:
         return "the model family is not supported"
 
+    @abstractmethod
     def compute(self, model: nn.Module, inputs: ProxyInputs) -> float:
-        raise NotImplementedError
+        """The raw score of ``model`` on ``inputs`` (the proxy's own formula)."""
 
     def score(self, model: nn.Module, inputs: ProxyInputs) -> float:
         """Score ``model`` (higher = better). Raises :class:`ProxyError` when the proxy does not
