@@ -2,7 +2,7 @@
 
 Student test accuracy (mean ± std over seeds) with cross-entropy only vs Hinton KD, DIST,
 Sinkhorn KD (SinKD), FitNets hints and the DisWOT terms, plus the student's top-1 agreement
-with the teacher. Every method adds its term to CE with weight 1 (``search.distill``).
+with the teacher. Every method adds its term to CE with weight 1 (``slimline.search.distill``).
 
     OMP_NUM_THREADS=1 nice -n 10 python -m bench.bench_distill --dataset digits
     OMP_NUM_THREADS=1 nice -n 10 python -m bench.bench_distill --dataset mnist1d
@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from bench.common import markdown_table, save
-from compress.prune.flops import count_params
-from search.distill import DistillConfig, make_distill_loss
+from slimline.compress.prune.flops import count_params
 from slimline.data import Dataset, load_dataset
 from slimline.evaluation import accuracy, predict
 from slimline.models import build_model
+from slimline.search.distill import DistillConfig, make_distill_loss
 from slimline.training import TrainParams, fit
 
 # dataset -> (teacher spec, student spec, layer tapped by hints in both models)

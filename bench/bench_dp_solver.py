@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from bench.common import markdown_table, save
-from compress.prune.dp import allocate_dp, allocate_dp_reference
+from slimline.compress.prune.dp import allocate_dp, allocate_dp_reference
 
 
 def problem(layers: int, levels: int, budget: int, seed: int = 0) -> tuple:
@@ -44,7 +44,7 @@ def compile_seconds() -> tuple[float, float]:
     call is numba's type inference + LLVM compile of the kernel."""
     code = (
         "import time; t0 = time.perf_counter(); import numpy as np;"
-        "from compress.prune.dp import allocate_dp; t1 = time.perf_counter();"
+        "from slimline.compress.prune.dp import allocate_dp; t1 = time.perf_counter();"
         "allocate_dp(np.zeros((2, 2)), np.ones((2, 2), np.int64), 2);"
         "print(t1 - t0, time.perf_counter() - t1)"
     )
@@ -132,7 +132,7 @@ def main() -> None:
     markdown = (
         f"## DP solver (numba vs pure Python)\n\n{table}\n\n"
         f"numba compile (first call in a fresh process, empty cache): {compile_s:.2f} s; "
-        f"importing compress.prune.dp (torch, numba, numpy) before it: {import_s:.2f} s. Later "
+        f"importing slimline.compress.prune.dp (torch, numba, numpy) before it: {import_s:.2f} s. Later "
         "processes load the kernel from numba's on-disk cache."
     )
     save("dp_solver", {"compile_s": compile_s, "import_s": import_s, "results": results}, markdown)

@@ -8,14 +8,14 @@ For each configuration the pipeline trains the model (``train`` stage), quantize
 fp32 and int8 QDQ ONNX (``export.onnx``); run directories are cached under
 ``bench/out/int8_runs/``, so a re-run only re-measures. Then, with onnxruntime on one thread:
 
-* latency at batch 1 and 32 (:func:`export.latency.profile_onnx`), fp32 / ours / ORT static,
+* latency at batch 1 and 32 (:func:`slimline.export.latency.profile_onnx`), fp32 / ours / ORT static,
   measured in ROUNDS interleaved rounds (A B C A B C ...), keeping each model's lowest median:
   the machine is shared, and the least disturbed round is the best estimate of the unloaded
   latency (a single round mostly measures the neighbours);
 * paired ratios: the three models' runs interleaved one by one, median of per-run ratios
   (robust to the load drifting between the rounds above);
 * accuracy on the test split, run by onnxruntime (fp32, ours, ORT static);
-* ORT static = :func:`export.ort_quant.ort_quantize` (QDQ, per-channel, uint8/int8, min/max)
+* ORT static = :func:`slimline.export.ort_quant.ort_quantize` (QDQ, per-channel, uint8/int8, min/max)
   on the same fp32 file with 256 calibration inputs.
 
 Configurations: the reference settings (digits 8x8: ResNet-8 width 16, ViT dim 64) where one
@@ -37,9 +37,9 @@ import numpy as np
 
 import slimline
 from bench.common import OUT, markdown_table, save
-from export.latency import profile_onnx
-from export.qdq import FLOAT_KERNEL_OPS, INT8_KERNEL_OPS, ort_optimized_op_counts
 from slimline.data import load_dataset
+from slimline.export.latency import profile_onnx
+from slimline.export.qdq import FLOAT_KERNEL_OPS, INT8_KERNEL_OPS, ort_optimized_op_counts
 from slimline.runner import RunResult
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -94,7 +94,7 @@ def pipeline(name: str, config: dict[str, Any]) -> RunResult:
 
 def ort_static(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
     try:
-        from export.ort_quant import ort_quantize
+        from slimline.export.ort_quant import ort_quantize
     except ImportError:  # before export/ort_quant.py existed: the plain onnxruntime call
         return _quantize_static(fp32, out, calibration)
     return ort_quantize(fp32, out, calibration=calibration, mode="static", per_channel=True)

@@ -5,7 +5,7 @@
 
 Model: the ResNet (depth 8, width 32) at 32x32 input (digits resized), **untrained** (seeded
 init): this compares latency only, and the DP's output distortion is data-free. A per-layer
-latency table (:func:`compress.prune.layer_latency.build_layer_latency_table`, batch 1, 1
+latency table (:func:`slimline.compress.prune.layer_latency.build_layer_latency_table`, batch 1, 1
 thread, grid 4 per side) is measured once and cached in ``bench/out/latency_prune_table.json``.
 
 For kept fractions 0.7 and 0.5 the model is pruned by ``prune_channels(allocation="dp",
@@ -29,15 +29,15 @@ import torch
 import torch.nn as nn
 
 from bench.common import OUT, markdown_table, save
-from compress.prune.layer_latency import (
+from slimline.compress.prune.layer_latency import (
     build_layer_latency_table,
     model_layer_widths,
     predict_model_latency,
 )
-from compress.prune.structured import prune_channels
-from export.layer_lut import LayerLatencyTable, LutError
-from export.lut import BlockFile, measure_lut, write_manifest, write_overhead_model
-from export.lut_blocks import export_block
+from slimline.compress.prune.structured import prune_channels
+from slimline.export.layer_lut import LayerLatencyTable, LutError
+from slimline.export.lut import BlockFile, measure_lut, write_manifest, write_overhead_model
+from slimline.export.lut_blocks import export_block
 from slimline.models import build_model
 
 KEEP = (0.7, 0.5)

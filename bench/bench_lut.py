@@ -27,10 +27,10 @@ import onnxruntime as ort
 import torch
 
 from bench.common import markdown_table, save
-from export import export_onnx
-from export.lut import interleaved_timings, load_block_sessions
-from export.lut_blocks import export_space_blocks
-from search.space import default_space, load_space
+from slimline.export import export_onnx
+from slimline.export.lut import interleaved_timings, load_block_sessions
+from slimline.export.lut_blocks import export_space_blocks
+from slimline.search.space import default_space, load_space
 
 
 def main() -> None:

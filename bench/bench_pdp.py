@@ -19,8 +19,8 @@ import time
 import torch
 
 from bench.common import markdown_table, save
-from compress.prune.magnitude import apply_masks, magnitude_masks
-from compress.prune.nm import nm_masks
+from slimline.compress.prune.magnitude import apply_masks, magnitude_masks
+from slimline.compress.prune.nm import nm_masks
 from slimline.data import load_dataset
 from slimline.evaluation import accuracy, predict
 from slimline.models import build_model

@@ -3,7 +3,7 @@
     python -m bench.bench_profiler
     python -m bench.bench_profiler --runs 1000 --rounds 3
 
-1. Self-check: the same fp32 ONNX file profiled twice by :func:`export.latency.profile_onnx`
+1. Self-check: the same fp32 ONNX file profiled twice by :func:`slimline.export.latency.profile_onnx`
    (separate sessions, one after the other); the run-to-run spread of the median is
    ``|a - b| / min(a, b)`` per batch size. It bounds which latency differences mean anything.
 2. Baseline: the reference ResNet (depth 8, width 16) trained on digits by the pipeline
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import slimline
 from bench.common import OUT, markdown_table, save
-from export.latency import LatencyReport, profile_onnx
+from slimline.export.latency import LatencyReport, profile_onnx
 
 BATCHES = (1, 32)
 

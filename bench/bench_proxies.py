@@ -4,12 +4,12 @@
     python -m bench.bench_proxies --fixtures digits-cnn  # cost + one fixture
     python -m bench.bench_proxies --fixtures             # cost only
 
-* **Cost**: architectures scored per second, per proxy, on ``search.space.default_space()``
+* **Cost**: architectures scored per second, per proxy, on ``slimline.search.space.default_space()``
   (``--cost-count`` sampled architectures, one fixed digits mini-batch of ``--batch``; each
   score builds a fresh model, as a search would; the DisWOT teacher here is an untrained
   architecture of the space, which costs what a trained one does). Single-threaded CPU; proxies
   take turns over ``--rounds`` rounds and the fastest round is kept (shared machine).
-* **Ranking** (for each ground-truth fixture, :mod:`search.groundtruth`): Kendall tau-b and
+* **Ranking** (for each ground-truth fixture, :mod:`slimline.search.groundtruth`): Kendall tau-b and
   Spearman rho of every applicable proxy's scores against the seed-averaged test accuracy, next
   to #params and FLOPs and to the fixture's seed-to-seed tau (the ceiling a proxy can reach);
   DisWOT proxies also against the distilled test accuracy, and whether DisWOT's top pick
@@ -29,7 +29,13 @@ import torch
 import torch.nn as nn
 
 from bench.common import markdown_table, save
-from search.proxies import ProxyError, ProxyInputs, get_proxy, list_proxies, score_architecture
+from slimline.search.proxies import (
+    ProxyError,
+    ProxyInputs,
+    get_proxy,
+    list_proxies,
+    score_architecture,
+)
 
 VANILLA_KEY = "test_accuracy"
 DISTILLED_KEY = "distilled_test_accuracy"
@@ -117,7 +123,7 @@ def correlation_rows(
 ) -> list[dict[str, Any]]:
     """tau/rho of every proxy (and the params/FLOPs columns of the fixture) vs accuracy, over
     the architectures in ``subset`` (default: all)."""
-    from search.groundtruth import kendall_tau, spearman
+    from slimline.search.groundtruth import kendall_tau, spearman
 
     keep = list(range(len(truth))) if subset is None else list(subset)
     vanilla = [truth.mean_accuracy(VANILLA_KEY)[i] for i in keep]
@@ -306,9 +312,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    from search.groundtruth import FIXTURE_DIR, load_fixture, load_teacher
-    from search.space import default_space
     from slimline.data import load_dataset
+    from slimline.search.groundtruth import FIXTURE_DIR, load_fixture, load_teacher
+    from slimline.search.space import default_space
 
     names = args.proxies or list_proxies()
     space = default_space()

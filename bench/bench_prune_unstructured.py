@@ -12,7 +12,7 @@ them dense by design, so this keeps the comparison at equal sparsity).
 
 * ``dp-free``: DP on data-free inputs (BN-statistics-matched for models with BatchNorm, else
   N(0,1)); ``dp-cal``: DP on 64 training samples. Both with ``refine=3`` (see
-  :mod:`compress.prune.rate_distortion`); ``dp-free-r0`` is the paper's one-shot DP (no refine).
+  :mod:`slimline.compress.prune.rate_distortion`); ``dp-free-r0`` is the paper's one-shot DP (no refine).
 * distortion: logit MSE vs the dense model on the **test split** (never seen by any method);
   accuracy: top-1 on the test split; ``ft``: after ``--finetune-epochs`` epochs with the masks
   kept (same schedule as the ``train`` stage).
@@ -33,24 +33,24 @@ import torch
 import torch.nn as nn
 
 from bench.common import markdown_table, save
-from compress.prune import prunable_weights
-from compress.prune.allocation import (
+from slimline.compress.prune import prunable_weights
+from slimline.compress.prune.allocation import (
     keep_budget,
     masks_from_counts,
     threshold_allocation,
     uniform_allocation,
 )
-from compress.prune.distortion import additivity, distortion_curves
-from compress.prune.importance import (
+from slimline.compress.prune.distortion import additivity, distortion_curves
+from slimline.compress.prune.importance import (
     VIT_MODULES,
     DIMAPImportance,
     LAMPImportance,
     MagnitudeImportance,
     assign_modules,
 )
-from compress.prune.inputs import bn_matched_inputs, has_batch_norm, random_inputs
-from compress.prune.magnitude import apply_masks
-from compress.prune.rate_distortion import rd_allocation
+from slimline.compress.prune.inputs import bn_matched_inputs, has_batch_norm, random_inputs
+from slimline.compress.prune.magnitude import apply_masks
+from slimline.compress.prune.rate_distortion import rd_allocation
 from slimline.data import Dataset, load_dataset
 from slimline.evaluation import accuracy, predict
 from slimline.models import build_model

@@ -3,7 +3,7 @@
     python -m bench.bench_robot                       # every fixture in tests/fixtures/nas
     python -m bench.bench_robot --fixtures digits-cnn --budgets 5 10 20 --seeds 10
 
-For each ground-truth fixture (:mod:`search.groundtruth`: trained architectures with val/test
+For each ground-truth fixture (:mod:`slimline.search.groundtruth`: trained architectures with val/test
 accuracy over 2 seeds) the proxies are computed once per architecture (cached in
 ``bench/out/proxy-scores-<fixture>.json``, keyed by the fixture's content and the proxy list).
 A *query* returns the architecture's recorded validation accuracy of training seed 0 (what a
@@ -34,8 +34,8 @@ import torch
 
 from bench.bench_proxies import applicable_proxies, proxy_inputs, score_fixture
 from bench.common import OUT, markdown_table, save
-from search.groundtruth import FIXTURE_DIR, load_fixture
-from search.robot import minmax_normalise, proxy_greedy_search, random_search, robot_search
+from slimline.search.groundtruth import FIXTURE_DIR, load_fixture
+from slimline.search.robot import minmax_normalise, proxy_greedy_search, random_search, robot_search
 
 # RoBoT's own proxy set (their NAS-Bench-201 script) plus two activation-based proxies.
 DEFAULT_PROXIES = ["grad_norm", "snip", "grasp", "fisher", "synflow", "jacob_cov", "naswot",

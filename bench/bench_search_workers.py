@@ -1,6 +1,6 @@
 """Search throughput with 1 vs 2 worker processes sharing one study (PostgreSQL and journal).
 
-Each trial picks an architecture of ``search.space.default_space()``, builds the CNN and scores
+Each trial picks an architecture of ``slimline.search.space.default_space()``, builds the CNN and scores
 it with a gradient-norm proxy, repeating forward+backward passes on a random batch until the
 trial has used ``--cost`` seconds of CPU (default 0.5 s: the cost of a training-free NAS proxy
 evaluation), so every trial costs the same whatever the architecture. A zero-cost objective
@@ -35,7 +35,7 @@ ROOT = Path(__file__).parent.parent
 def proxy_objective(cost_s: float):  # noqa: ANN201 - an Optuna objective
     import torch
 
-    from search.space import default_space
+    from slimline.search.space import default_space
 
     torch.set_num_threads(1)
     space = default_space()
@@ -69,7 +69,7 @@ def worker_main(storage: str, study_name: str, max_trials: int, worker_id: str,
                 cost_s: float) -> None:
     import optuna
 
-    from search.study import open_study, run_worker
+    from slimline.search.study import open_study, run_worker
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage, study_name, directions=["maximize"],
@@ -83,7 +83,7 @@ def worker_main(storage: str, study_name: str, max_trials: int, worker_id: str,
 def measure(storage: str, study_name: str, workers: int, trials: int, cost_s: float) -> dict:
     import optuna
 
-    from search.study import completed_trials, open_study
+    from slimline.search.study import completed_trials, open_study
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -41,10 +41,10 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from bench.common import markdown_table, save
-from compress.prune.flops import count_flops
-from compress.prune.structured import StructuredPruningError, prune_channels
-from export import export_onnx
+from slimline.compress.prune.flops import count_flops
+from slimline.compress.prune.structured import StructuredPruningError, prune_channels
 from slimline.data import Dataset, load_dataset
+from slimline.export import export_onnx
 from slimline.models import build_model
 
 SETTINGS: dict[str, dict[str, Any]] = {

@@ -9,7 +9,7 @@ of each prune site's next-layer output (one site pruned at a time, float weights
 without repair. The zoo's ResNet is 2-D, so the MNIST-1D model is the zoo's ``cnn1d``, widened.
 
 Every method removes the same channels (ranked on the trained model,
-:func:`~compress.prune.neuron_merging.select_site_channels`) and gets the same weight grids.
+:func:`~slimline.compress.prune.neuron_merging.select_site_channels`) and gets the same weight grids.
 One diagnostic is *not* data-free and is no method: "LS on data" fits each pruned channel's
 post-ReLU activation as a linear combination of the kept ones on 512 training inputs (the
 least-squares ``s`` UDFC's assumption asks for), an upper bound for any data-free ``s``.
@@ -30,7 +30,7 @@ import torch.nn as nn
 
 import slimline
 from bench.common import OUT, markdown_table, save
-from compress.prune.datafree_sites import (
+from slimline.compress.prune.datafree_sites import (
     PruneSite,
     absorb_channels,
     channel_filters,
@@ -38,10 +38,10 @@ from compress.prune.datafree_sites import (
     remove_site_channels,
     select_channels,
 )
-from compress.prune.layer_chains import forward_layer_order
-from compress.prune.neuron_merging import merge_scales, prune_sites, select_site_channels
-from compress.quant.datafree import quantize_datafree
-from compress.quant.udfc import pruning_scales, udfc_compress
+from slimline.compress.prune.layer_chains import forward_layer_order
+from slimline.compress.prune.neuron_merging import merge_scales, prune_sites, select_site_channels
+from slimline.compress.quant.datafree import quantize_datafree
+from slimline.compress.quant.udfc import pruning_scales, udfc_compress
 from slimline.evaluation import accuracy, predict
 
 REFERENCES = {  # name -> (model spec, dataset, epochs)
@@ -249,9 +249,9 @@ def evaluate(name: str) -> dict[str, Any]:
 
 def latency(name: str, runs: int) -> dict[str, Any]:
     """int8 (UDFC 30% / 6-bit) vs fp32 onnxruntime latency, 1 thread."""
-    from compress.quant import export_qdq_onnx
-    from export import export_onnx
-    from export.latency import profile_onnx
+    from slimline.compress.quant import export_qdq_onnx
+    from slimline.export import export_onnx
+    from slimline.export.latency import profile_onnx
 
     model, _, input_shape = trained(name)
     compressed = copy.deepcopy(model)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from search.groundtruth import FIXTURE_DIR, GroundTruthConfig, build_groundtruth  # noqa: E402
+from slimline.search.groundtruth import FIXTURE_DIR, GroundTruthConfig, build_groundtruth  # noqa: E402
 from slimline.training import TrainParams  # noqa: E402
 
 # Narrow widths (4-8 channels) next to wide ones give the sample a real capacity range; with

@@ -1,5 +1,5 @@
 """compress: the math of making models smaller (pruning, quantization), free of recipes and CLI."""
 
-from compress import prune
+from slimline.compress import prune
 
 __all__ = ["prune"]

@@ -1,6 +1,6 @@
-"""``python -m export ...``: the ``slimline profile`` command without the slimline package (and
-so without torch), for deployment devices: ``python -m export model.onnx``,
-``python -m export lut BLOCKS_DIR -o lut.json``."""
+"""``python -m slimline.export ...``: the ``slimline profile`` command without the slimline package (and
+so without torch), for deployment devices: ``python -m slimline.export model.onnx``,
+``python -m slimline.export lut BLOCKS_DIR -o lut.json``."""
 
 import sys
 

@@ -60,7 +60,7 @@ class UnfusedQdq:
 
 
 def isa_warning(machine: Mapping[str, Any]) -> str | None:
-    """A warning when ``machine`` (see :func:`export.latency.machine_info`) lacks int8
+    """A warning when ``machine`` (see :func:`slimline.export.latency.machine_info`) lacks int8
     dot-product instructions; ``None`` when it has them or the architecture is unknown."""
     flags = set(machine.get("isa_flags") or ())
     arch = str(machine.get("arch", "")).lower()

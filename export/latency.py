@@ -112,8 +112,8 @@ class LatencyReport:
     batches: tuple[BatchLatency, ...]
     machine: dict[str, Any]
     op_profiles: tuple[OpProfile, ...] = ()  # per batch size, with ``per_op=True``
-    quant_format: str = "float"  # see export.graph.quant_format
-    # Why an int8 model may not beat fp32 here (see export.int8check); also raised as warnings.
+    quant_format: str = "float"  # see slimline.export.graph.quant_format
+    # Why an int8 model may not beat fp32 here (see slimline.export.int8check); also raised as warnings.
     diagnostics: tuple[str, ...] = ()
 
     @property
@@ -170,7 +170,7 @@ def profile_onnx(
     """Measure ONNX Runtime latency of the model at ``path`` for each batch size.
 
     Inputs are random tensors from the model's input metadata (see
-    :func:`export.graph.random_inputs`): a dynamic dimension 0 is the batch size; other dynamic
+    :func:`slimline.export.graph.random_inputs`): a dynamic dimension 0 is the batch size; other dynamic
     dimensions must be given by ``input_shapes``.
 
     Each batch size gets ``warmup`` untimed runs, then ``runs`` timed runs, or, with
@@ -180,9 +180,9 @@ def profile_onnx(
 
     ``per_op`` adds a per-op-type breakdown for each batch size from onnxruntime's profiler
     (``per_op_runs`` profiled runs in a separate session, so profiling overhead never touches
-    the latency numbers); see :mod:`export.opprofile`. For a quantized model ``check_int8``
-    looks for reasons int8 will not help (see :mod:`export.int8check`): each is raised as an
-    :class:`~export.int8check.Int8Warning` and kept in ``report.diagnostics``.
+    the latency numbers); see :mod:`slimline.export.opprofile`. For a quantized model ``check_int8``
+    looks for reasons int8 will not help (see :mod:`slimline.export.int8check`): each is raised as an
+    :class:`~slimline.export.int8check.Int8Warning` and kept in ``report.diagnostics``.
 
     Raises:
         FileNotFoundError: no file at ``path``.

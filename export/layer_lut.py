@@ -1,6 +1,6 @@
 """Per-layer latency table of one model, for latency-targeted channel pruning (torch-free).
 
-Where :mod:`export.lut` times the distinct blocks of a search space, this table times each
+Where :mod:`slimline.export.lut` times the distinct blocks of a search space, this table times each
 Conv/Linear layer of *one* model at the widths channel pruning can give it: a grid of input
 widths x output widths per layer. Grids are coarse (a few widths per side, a multiple of
 ``round_to`` where possible, always including the smallest reachable and the full width) and
@@ -9,7 +9,7 @@ the measured value. Widths outside the grid are clamped to its edge: below the s
 width that *over*-predicts (a smaller layer is not slower), so a budget met by the table is never
 met only because of extrapolation.
 
-Entries follow :mod:`export.lut`'s protocol: each is the layer's median latency minus the fixed
+Entries follow :mod:`slimline.export.lut`'s protocol: each is the layer's median latency minus the fixed
 per-run overhead (an empty model), and a whole model is predicted as::
 
     predicted = overhead_ms + sum(layer.lookup(in_width, out_width) for every layer)
@@ -17,7 +17,7 @@ per-run overhead (an empty model), and a whole model is predicted as::
 Element-wise work that onnxruntime does not fuse into a Conv (residual adds, pooling) is not in
 any entry: the prediction covers the layers the pruner can change plus the overhead.
 
-The JSON file records the machine (:func:`export.machine.machine_info`) and each layer's full
+The JSON file records the machine (:func:`slimline.export.machine.machine_info`) and each layer's full
 shape, so a table measured on a target device can be carried to the host that prunes; a table
 for another model is rejected naming the layer it lacks (:meth:`LayerLatencyTable.check_layers`).
 """

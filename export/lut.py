@@ -21,8 +21,8 @@ blocks, a few runs each, so a burst of load from other processes spreads over ev
 instead of inflating a few. Each entry is the median of all its samples.
 
 Blocks come as ONNX files listed in a ``manifest.json`` (written on a host with torch by
-:func:`export.lut_blocks.export_space_blocks`), so the measuring side needs no torch:
-``slimline profile lut BLOCKS_DIR -o lut.json`` (or ``python -m export lut ...``).
+:func:`slimline.export.lut_blocks.export_space_blocks`), so the measuring side needs no torch:
+``slimline profile lut BLOCKS_DIR -o lut.json`` (or ``python -m slimline.export lut ...``).
 """
 
 from __future__ import annotations

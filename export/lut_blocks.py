@@ -1,9 +1,9 @@
 """Export every distinct block of a search space to ONNX for the latency table (needs torch).
 
 This is the host side of ``slimline profile lut``: it builds each block of
-:meth:`search.space.SearchSpace.distinct_blocks` with PyTorch and writes one ONNX file per block
+:meth:`slimline.search.space.SearchSpace.distinct_blocks` with PyTorch and writes one ONNX file per block
 plus ``manifest.json`` into a folder. The folder can be copied to a device that has only
-onnxruntime and measured there (:func:`export.lut.measure_lut`).
+onnxruntime and measured there (:func:`slimline.export.lut.measure_lut`).
 
 Blocks are exported with torch's TorchScript exporter, not :func:`export.export_onnx`'s
 dynamo-first path: for a single block it produces the same ops (Conv with BatchNorm folded in,
@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from search.space import SearchSpace
+from slimline.search.space import SearchSpace
 
 from .graph import atomic_write_bytes
 from .lut import BlockFile, write_manifest, write_overhead_model

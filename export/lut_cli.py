@@ -3,7 +3,7 @@
 From a search space YAML it exports every distinct block with torch (into ``--blocks-dir`` or a
 temporary folder) and times the blocks here. From a blocks folder (written on another machine
 with ``--export-only``) it only times them, which needs no torch: copy the folder to the
-deployment device and run ``python -m export lut DIR -o lut.json`` there.
+deployment device and run ``python -m slimline.export lut DIR -o lut.json`` there.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ DEFAULT_RUNS, DEFAULT_WARMUP = 300, 20
 
 
 def run_lut_command(args: argparse.Namespace) -> int:
-    """``profile lut`` for arguments parsed by :func:`export.profile_cli.add_profile_arguments`."""
+    """``profile lut`` for arguments parsed by :func:`slimline.export.profile_cli.add_profile_arguments`."""
     if len(args.models) != 2:
         return _fail("usage: slimline profile lut SPACE.yaml|BLOCKS_DIR -o lut.json")
     not_for_lut = {
@@ -105,7 +105,7 @@ def summary(table: LatencyTable, path: Path | str) -> str:
 
 def _export(space_file: Path, blocks_dir: Path, batch_size: int) -> int:
     try:
-        from search.space import load_space
+        from slimline.search.space import load_space
 
         space = load_space(space_file)
     except (OSError, ValueError) as exc:

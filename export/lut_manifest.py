@@ -1,7 +1,7 @@
 """The blocks folder of a latency lookup table: ONNX files plus ``manifest.json``.
 
-Written on a host with torch (:func:`export.lut_blocks.export_space_blocks`), read on the
-device that times them (:func:`export.lut.measure_lut`); this module needs only onnx.
+Written on a host with torch (:func:`slimline.export.lut_blocks.export_space_blocks`), read on the
+device that times them (:func:`slimline.export.lut.measure_lut`); this module needs only onnx.
 """
 
 from __future__ import annotations

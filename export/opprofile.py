@@ -4,7 +4,7 @@ ONNX Runtime writes one Chrome-trace event per executed kernel (``"cat": "Node"`
 ``"<node>_kernel_time"``, ``args.op_name``, duration in microseconds) and one ``"model_run"``
 event per ``session.run``. :func:`parse_ort_profile` drops the warm-up runs and sums kernel
 time per op type. Profiling adds its own overhead, so it runs in a separate session from the
-latency timing (see :func:`export.latency.profile_onnx`).
+latency timing (see :func:`slimline.export.latency.profile_onnx`).
 
 Op types are what onnxruntime actually ran after its graph optimizations, e.g. ``FusedConv``
 (Conv+Relu), ``QLinearConv`` (a fused int8 QDQ conv) or a ``DequantizeLinear`` left unfused.

@@ -7,7 +7,7 @@ time) for Linear/attention models. Torch-free: onnx + onnxruntime + numpy only.
 Defaults follow what ONNX Runtime's x86 CPU kernels fuse: uint8 activations with int8 weights
 (U8S8). With int8 activations (S8S8) onnxruntime 1.31 leaves many Conv nodes unfused (they run
 in float between DequantizeLinear/QuantizeLinear), which is slower than the fp32 model; the
-profiler warns when it sees that (see :mod:`export.int8check`).
+profiler warns when it sees that (see :mod:`slimline.export.int8check`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``slimline profile A.onnx [B.onnx | saved.json ...]`` times models and compares them;
 ``slimline profile lut SPACE.yaml|BLOCKS_DIR -o lut.json`` builds a latency lookup table
-(:mod:`export.lut_cli`). Without the ``slimline`` package: ``python -m export ...``.
+(:mod:`slimline.export.lut_cli`). Without the ``slimline`` package: ``python -m slimline.export ...``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ lookup table for hardware-aware search:
   slimline profile lut SPACE.yaml -o lut.json          export each distinct block (needs torch)
                                                        and time it here
   slimline profile lut SPACE.yaml --blocks-dir DIR --export-only    on the host, then on the
-  slimline profile lut DIR -o lut.json                 device (torch-free; or python -m export)
+  slimline profile lut DIR -o lut.json                 device (torch-free; or python -m slimline.export)
   lut uses --runs (default 300 per block), --warmup (default 20), --rounds (default 30),
   --threads, --batch-sizes (one value) and --provider.
 

@@ -1,6 +1,6 @@
 """Turn a traced quantize/dequantize ONNX graph into a deployable int8 QDQ model, and inspect one.
 
-The PyTorch side (:func:`compress.quant.export_qdq_onnx`) traces the fake-quant model so that
+The PyTorch side (:func:`slimline.compress.quant.export_qdq_onnx`) traces the fake-quant model so that
 every quantized activation is a ``QuantizeLinear -> DequantizeLinear`` pair and every quantized
 weight is ``float initializer -> QuantizeLinear (-> Clip) -> DequantizeLinear``, all with the
 scales and zero points PyTorch used. :func:`finalize_qdq` then rewrites it into the layout ONNX

@@ -8,7 +8,7 @@ weights into a ``loss_fn(model, x, y)`` for :func:`slimline.training.fit`:
     only for names other than "kd", e.g. hint + KD as in FitNets' second stage)
 
 Feature terms (``hint``, ``diswot``) read activations through forward hooks that live for one
-forward pass (:mod:`search.features`), so no hook outlives a batch.
+forward pass (:mod:`slimline.search.features`), so no hook outlives a batch.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from search.diswot import class_activation_matrix, relation_distance, semantic_distance
-from search.features import find_global_pool, tap
+from slimline.search.diswot import class_activation_matrix, relation_distance, semantic_distance
+from slimline.search.features import find_global_pool, tap
 
 __all__ = [
     "LOGIT_LOSSES", "LOSS_NAMES", "DistillConfig", "DistillationLoss", "dist_loss",
@@ -214,7 +214,7 @@ def forward_features(model: nn.Module, x: torch.Tensor, layer: str | None, *, ro
                      prefer_pre_pool: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward pass returning ``(logits, penultimate, feature)`` with their graphs.
 
-    ``penultimate`` is the classifier's input (:func:`search.features.tap`); ``feature`` is
+    ``penultimate`` is the classifier's input (:func:`slimline.search.features.tap`); ``feature`` is
     the output of module ``layer`` when named, else the pre-GAP map when ``prefer_pre_pool``
     and the model pools globally, else ``penultimate``. Hooks live for this call only."""
     kept: dict[str, torch.Tensor] = {}

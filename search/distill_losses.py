@@ -1,5 +1,5 @@
-"""Kept for existing imports: the distillation losses live in :mod:`search.distill`."""
+"""Kept for existing imports: the distillation losses live in :mod:`slimline.search.distill`."""
 
-from search.distill import distillation_loss_fn, hinton_kd_loss
+from slimline.search.distill import distillation_loss_fn, hinton_kd_loss
 
 __all__ = ["distillation_loss_fn", "hinton_kd_loss"]

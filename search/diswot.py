@@ -3,8 +3,8 @@ Distillation WithOut Training"): teacher-student similarity of sample relations 
 class-activation semantics.
 
 Pure, differentiable torch functions, shared by the training-free proxies
-(:mod:`search.proxies`, scored at random student init) and the distillation losses
-(:mod:`search.distill`, minimised during training). Distances are >= 0 and 0 for identical
+(:mod:`slimline.search.proxies`, scored at random student init) and the distillation losses
+(:mod:`slimline.search.distill`, minimised during training). Distances are >= 0 and 0 for identical
 inputs; a proxy negates them so that higher = more similar = better.
 
 Notation: ``b`` samples, ``K`` classes, ``C`` channels. Student and teacher may differ in

@@ -6,7 +6,7 @@ training run, once with cross-entropy ("vanilla") and once distilled from a fixe
 (Hinton et al., 2015), for each of several seeds. Proxies and searches are scored against it
 by rank correlation (:func:`kendall_tau`, :func:`spearman`).
 
-    from search.groundtruth import load_fixture
+    from slimline.search.groundtruth import load_fixture
     truth = load_fixture("digits-cnn")
     truth.mean_accuracy("test_accuracy")   # one value per architecture
     model = truth.build_model(0)           # untrained, as the search would build it
@@ -37,11 +37,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.prune.flops import count_flops, count_params
-from search.space import space_from_dict
+from slimline.compress.prune.flops import count_flops, count_params
 from slimline.data import Dataset, cache_dir, load_dataset
 from slimline.evaluation import accuracy, predict
 from slimline.io import atomic_path, canonical_json, read_json, sha256_text, write_json
+from slimline.search.space import space_from_dict
 from slimline.training import TrainParams, fit
 
 __all__ = [
@@ -205,7 +205,7 @@ def measure_architecture(
 
     Each seed initialises the model with ``torch.manual_seed(seed)`` and shuffles with it, so the
     vanilla and the distilled run of a seed start from the same weights."""
-    from search.distill_losses import distillation_loss_fn
+    from slimline.search.distill_losses import distillation_loss_fn
 
     started = time.perf_counter()
     model = space.build_model(arch)

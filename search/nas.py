@@ -1,16 +1,16 @@
 """Training-free architecture search: candidates, their costs, and the Optuna objectives.
 
 One :class:`CandidateEvaluator` turns an architecture of a search space into what a search
-compares: zero-cost proxy scores (:mod:`search.proxies`), parameters, FLOPs and latency
-(predicted from a block lookup table, :mod:`export.lut`, or measured on the spot with
+compares: zero-cost proxy scores (:mod:`slimline.search.proxies`), parameters, FLOPs and latency
+(predicted from a block lookup table, :mod:`slimline.export.lut`, or measured on the spot with
 onnxruntime). Strategies built on it:
 
 * ``nsga2`` / ``tpe`` / ``random``: an Optuna study over the space's choices, maximising one
   accuracy proxy and (optionally) minimising latency, with parameter / FLOPs / latency limits as
   Optuna constraints. The study can live at any storage URL so that extra
   ``slimline search worker`` processes, on this machine or others, add throughput
-  (:mod:`search.study`).
-* ``robot``: RoBoT (:mod:`search.robot`) over a sampled pool, whose queries are short trainings.
+  (:mod:`slimline.search.study`).
+* ``robot``: RoBoT (:mod:`slimline.search.robot`) over a sampled pool, whose queries are short trainings.
 
 Evaluation is deterministic given the architecture and the seed (a fresh seeded model per
 proxy), so equal architectures get equal scores in every worker.
@@ -29,7 +29,7 @@ import optuna
 import torch
 import torch.nn as nn
 
-from compress.prune.flops import count_flops, count_params
+from slimline.compress.prune.flops import count_flops, count_params
 
 __all__ = [
     "Candidate",
@@ -122,8 +122,8 @@ class MeasuredLatency:
         self.input_shape, self.runs, self.threads = tuple(input_shape), runs, threads
 
     def __call__(self, arch: Any, model: nn.Module) -> float:
-        from export.latency import profile_onnx
-        from export.onnx_export import export_onnx
+        from slimline.export.latency import profile_onnx
+        from slimline.export.onnx_export import export_onnx
 
         with tempfile.TemporaryDirectory(prefix="slimline-nas-") as tmp:
             path = export_onnx(model, torch.randn(1, *self.input_shape), Path(tmp) / "m.onnx")
@@ -139,7 +139,7 @@ class CandidateEvaluator:
                  latency: LatencyModel | None = None, seed: int = 0):
         """Proxies that cannot score this space's models (e.g. ``hidden_cov`` on a CNN, DisWOT
         without a teacher) are left out and listed in ``skipped``."""
-        from search.proxies import get_proxy
+        from slimline.search.proxies import get_proxy
 
         self.space, self.inputs = space, inputs
         probe = space.build_model(space.sample(1, seed=seed)[0])
@@ -162,7 +162,7 @@ class CandidateEvaluator:
     def __call__(self, arch: Any) -> Candidate:
         import time
 
-        from search.proxies import score_architecture
+        from slimline.search.proxies import score_architecture
 
         digest = arch.digest
         if digest in self.cache:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from search.robot import minmax_normalise, robot_search
+from slimline.search.robot import minmax_normalise, robot_search
 
 
 def run_robot(setup: Any, ctx: Any) -> tuple[list[Any], Any, dict[str, Any]]:

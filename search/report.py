@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from search.pareto import pareto_front, plot_front
+from slimline.search.pareto import pareto_front, plot_front
 
 __all__ = ["summarise_search"]
 
@@ -14,7 +14,7 @@ __all__ = ["summarise_search"]
 def summarise_search(setup: Any, candidates: list[Any], chosen: Any, work_dir: Path, *,
                      teacher: Any = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the files and return the stage metrics (the report reads ``metrics['search']``)."""
-    from compress.prune.flops import count_flops, count_params
+    from slimline.compress.prune.flops import count_flops, count_params
     from slimline.io import write_json, write_text
 
     p = setup.params

@@ -16,8 +16,8 @@ their own shapes, so a latency lookup table measured once per distinct block
 (:meth:`SearchSpace.distinct_blocks`, ``slimline profile lut``) predicts any architecture.
 This module is torch-free except :meth:`SearchSpace.build_model` / :meth:`build_block`.
 
-Other families (``vit``, ``cnn1d``, ``gru``: :mod:`search.spaces_grid`; mixes of them:
-:mod:`search.spaces_union`) share the same duck-typed interface; :func:`space_from_dict` and
+Other families (``vit``, ``cnn1d``, ``gru``: :mod:`slimline.search.spaces_grid`; mixes of them:
+:mod:`slimline.search.spaces_union`) share the same duck-typed interface; :func:`space_from_dict` and
 :func:`load_space` pick the class from the ``family:`` key.
 """
 
@@ -427,7 +427,7 @@ def space_from_dict(data: Mapping[str, Any], *, source: str = "search space") ->
     """Build the space its ``family:`` key names (default ``resnet_flex``, so older YAML works).
 
     Families: ``resnet_flex`` (:class:`SearchSpace`), ``vit``, ``cnn1d``, ``gru`` and ``union``
-    (several families in one space, :mod:`search.spaces_union`).
+    (several families in one space, :mod:`slimline.search.spaces_union`).
     """
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: expected a mapping, got {type(data).__name__}")
@@ -435,10 +435,10 @@ def space_from_dict(data: Mapping[str, Any], *, source: str = "search space") ->
     if family == FAMILY:
         return SearchSpace.from_dict(data, source=source)
     if family == "union":
-        from search.spaces_union import UnionSpace
+        from slimline.search.spaces_union import UnionSpace
 
         return UnionSpace.from_dict(data, source=source)
-    from search.spaces_grid import grid_space_from_dict
+    from slimline.search.spaces_grid import grid_space_from_dict
 
     return grid_space_from_dict(data, source=source)
 

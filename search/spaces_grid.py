@@ -1,5 +1,5 @@
 """Search spaces for the zoo's other families: ViT (images), 1-D CNN and GRU (sequences).
-(:mod:`search.spaces_union` mixes families in one space.)
+(:mod:`slimline.search.spaces_union` mixes families in one space.)
 
 Each space is a grid of named choice lists, some global (a GRU's ``hidden_sizes``), some per stage
 (a 1-D CNN's ``stages[i].widths``). An architecture (:class:`GridArchitecture`) is one value per
@@ -13,7 +13,7 @@ choice, tagged with its family, so architectures of different families never has
     heads: [1, 2, 4]
     mlp_ratios: [1.0, 2.0]
 
-They share :class:`search.space.SearchSpace`'s duck-typed interface (``from_dict``/``to_dict``/
+They share :class:`slimline.search.space.SearchSpace`'s duck-typed interface (``from_dict``/``to_dict``/
 ``digest``/``size``/``sample``/``validate``/``model_spec``/``build_model``), which is all the
 search and the ground-truth builder use. Torch-free except ``build_model``.
 """
@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from search.space import content_digest
+from slimline.search.space import content_digest
 
 if TYPE_CHECKING:
     import torch.nn as nn

@@ -50,7 +50,7 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from search.study_storage import StudyStorageError, journal_path, open_storage, redact
+from slimline.search.study_storage import StudyStorageError, journal_path, open_storage, redact
 
 __all__ = [
     "StudyStorageError",

@@ -1,6 +1,6 @@
 """Study storage from a URL: a journal file (the one-machine default) or an RDB with heartbeat.
 
-See :mod:`search.study` for how workers use it. Forms of ``storage``:
+See :mod:`slimline.search.study` for how workers use it. Forms of ``storage``:
 
 * ``None``: ``JournalStorage(JournalFileBackend(default_journal))``, no server needed, safe for
   several processes on one machine (Optuna 5.0's journal has no heartbeat).

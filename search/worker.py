@@ -32,10 +32,10 @@ def run_search_worker(recipe_path: str | os.PathLike, *, stage_id: str | None = 
                       storage: str | None = None, run_dir: str | os.PathLike | None = None,
                       worker_id: str | None = None, progress: bool = True) -> WorkerResult:
     """Join the study of ``stage_id`` (default: the recipe's only ``search.nas`` stage)."""
-    from search.study import completed_trials, open_study, run_worker
     from slimline.dag import build_plan
     from slimline.recipe import load_recipe
     from slimline.runner import _load_data, run
+    from slimline.search.study import completed_trials, open_study, run_worker
     from slimline.stages.search import prepare_search, study_name
 
     recipe = load_recipe(recipe_path)

@@ -107,7 +107,7 @@ class Artifact:
         model = build_model_from_spec(meta["model_spec"])
         load_weights(model, payload["state_dict"], source=str(directory / "weights.pt"))
         if "quantization" in meta["state"]:  # fake-quant hooks are code, not saved: re-install
-            from compress.quant import attach_quantization
+            from slimline.compress.quant import attach_quantization
 
             attach_quantization(model, meta["state"]["quantization"])
         return cls(

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker-id", help="name recorded on this worker's trials")
     worker.set_defaults(handler=_cmd_search_worker)
 
-    from export.profile_cli import add_profile_arguments
+    from slimline.export.profile_cli import add_profile_arguments
 
     profile = commands.add_parser("profile", help="time ONNX models with onnxruntime")
     add_profile_arguments(profile)
@@ -117,8 +117,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_search_worker(args: argparse.Namespace) -> int:
-    from search.study import StudyStorageError
-    from search.worker import run_search_worker
+    from slimline.search.study import StudyStorageError
+    from slimline.search.worker import run_search_worker
 
     try:
         result = run_search_worker(args.recipe, stage_id=args.stage, storage=args.storage,
@@ -198,7 +198,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from export.profile_cli import run_profile_command
+    from slimline.export.profile_cli import run_profile_command
 
     return run_profile_command(args)
 

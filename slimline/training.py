@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compress.prune import apply_masks
+from slimline.compress.prune import apply_masks
 from slimline.data import Dataset
 from slimline.evaluation import accuracy, predict
 from slimline.params import ParamError, check_range, param

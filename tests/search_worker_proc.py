@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 
-from search.study import (
+from slimline.search.study import (
     ERROR_ATTR,
     OVER_CAP_ATTR,
     completed_trials,

@@ -9,16 +9,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.prune.layer_chains import find_layer_chains
-from compress.quant import QuantState, quantization_of
-from compress.quant.bn_statistics import (
+from slimline.compress.prune.layer_chains import find_layer_chains
+from slimline.compress.quant import QuantState, quantization_of
+from slimline.compress.quant.bn_statistics import (
     DataFreeRangeError,
     bn_output_stats,
     clipped_normal_moments,
 )
-from compress.quant.datafree import quantize_datafree, weight_spec
-from compress.quant.dfq import absorb_high_biases, equalize
-from compress.quant.fold import conv_bn_pairs, fold_batchnorm
+from slimline.compress.quant.datafree import quantize_datafree, weight_spec
+from slimline.compress.quant.dfq import absorb_high_biases, equalize
+from slimline.compress.quant.fold import conv_bn_pairs, fold_batchnorm
 from slimline.models import build_model
 from tests.datafree_models import calibrate_bn
 

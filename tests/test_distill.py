@@ -13,7 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import slimline
-from search.distill import (
+from slimline.data import load_dataset
+from slimline.models import build_model
+from slimline.recipe import RecipeError
+from slimline.search.distill import (
     DistillConfig,
     dist_loss,
     distillation_loss_fn,
@@ -25,9 +28,6 @@ from search.distill import (
     sinkhorn_kd_loss,
     sinkhorn_plan,
 )
-from slimline.data import load_dataset
-from slimline.models import build_model
-from slimline.recipe import RecipeError
 from slimline.stage import StageFailed
 from slimline.training import TrainParams, fit
 

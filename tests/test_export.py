@@ -11,7 +11,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from export import (
+from slimline.export import (
     ExportError,
     OnnxFileError,
     ParityError,
@@ -157,7 +157,7 @@ def test_unexportable_op_names_op_model_and_module_without_leftovers(tmp_path, c
 def test_falls_back_to_legacy_exporter_quietly(tmp_path, caplog, capfd):
     torch.manual_seed(0)
     model, example = DataDependent(), torch.randn(2, 4)
-    with caplog.at_level("WARNING", logger="export.onnx_export"):
+    with caplog.at_level("WARNING", logger="slimline.export.onnx_export"):
         path = export_onnx(model, example, tmp_path / "dd.onnx")
     proto = onnx.load(str(path))
     assert {p.key: p.value for p in proto.metadata_props}["slimline.exporter"] == "torchscript"

@@ -8,8 +8,9 @@ import warnings
 
 import pytest
 
-from compress.prune.flops import count_params
-from search.groundtruth import (
+from slimline.compress.prune.flops import count_params
+from slimline.io import read_json, write_json
+from slimline.search.groundtruth import (
     FIXTURE_DIR,
     GroundTruthConfig,
     build_groundtruth,
@@ -18,7 +19,6 @@ from search.groundtruth import (
     load_teacher,
     spearman,
 )
-from slimline.io import read_json, write_json
 from slimline.training import TrainParams
 
 PROMISED = {"digits-cnn": (80, {"resnet_flex"}), "mnist1d-seq": (40, {"cnn1d", "gru"})}
@@ -154,7 +154,7 @@ def test_fixture_dir_is_in_the_repository():
 def test_a_committed_entry_is_reproduced_by_retraining():
     import torch
 
-    from search.groundtruth import train_and_score
+    from slimline.search.groundtruth import train_and_score
 
     truth = load_fixture("digits-cnn")
     dataset = truth.load_dataset()

@@ -18,7 +18,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export import (
+from slimline.export import (
     BatchLatency,
     LatencyReport,
     OnnxFileError,
@@ -28,8 +28,8 @@ from export import (
     main_profile,
     profile_onnx,
 )
-from export.compare import CSV_COLUMNS, MixedMachinesWarning
-from export.opprofile import OpProfile, parse_ort_profile
+from slimline.export.compare import CSV_COLUMNS, MixedMachinesWarning
+from slimline.export.opprofile import OpProfile, parse_ort_profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,10 +287,11 @@ def test_latency_and_graph_import_and_run_without_torch(models):
                 return None
 
         sys.meta_path.insert(0, BlockTorch())
-        import export
-        import export.graph
-        import export.latency
-        import export.int8check, export.lut, export.opprofile, export.ort_quant, export.plot
+        from slimline import export
+        import slimline.export.graph
+        import slimline.export.latency
+        import slimline.export.int8check, slimline.export.lut, slimline.export.opprofile
+        import slimline.export.ort_quant, slimline.export.plot
 
         report = export.profile_onnx(
             sys.argv[1], batch_sizes=(1, 2), warmup=1, runs=3, per_op=True, per_op_runs=2

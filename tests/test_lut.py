@@ -14,11 +14,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import main_profile
-from export.lut import LatencyTable, LutEntry, LutError, interleaved_timings
-from export.lut_blocks import export_block
-from search.space import Architecture, SearchSpace, load_space
+from slimline.export import main_profile
+from slimline.export.lut import LatencyTable, LutEntry, LutError, interleaved_timings
+from slimline.export.lut_blocks import export_block
 from slimline.models import build_model
+from slimline.search.space import Architecture, SearchSpace, load_space
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = {
@@ -195,7 +195,7 @@ def test_lut_from_a_blocks_folder_measures_without_torch(built_lut, tmp_path):
                 return None
 
         sys.meta_path.insert(0, BlockTorch())
-        from export.profile_cli import main_profile
+        from slimline.export.profile_cli import main_profile
 
         code = main_profile(["lut", sys.argv[1], "-o", sys.argv[2], "--runs", "10",
                              "--rounds", "2", "--warmup", "1"])

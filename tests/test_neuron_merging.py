@@ -7,9 +7,9 @@ import copy
 
 import torch
 
-from compress.prune.datafree_sites import ChannelFilters, channel_filters, find_prune_sites
-from compress.prune.neuron_merging import merge_scales, prune_sites
 from slimline.artifact import Artifact
+from slimline.compress.prune.datafree_sites import ChannelFilters, channel_filters, find_prune_sites
+from slimline.compress.prune.neuron_merging import merge_scales, prune_sites
 from slimline.models import build_model
 from slimline.stage import get_stage
 from tests.datafree_models import calibrate_bn, combination_net, tripwire_context
@@ -112,8 +112,8 @@ def test_every_method_prunes_the_channels_ranked_on_the_trained_model() -> None:
     # cnn1d is a plain chain: features.3 consumes features.0's site and is a site itself, so a
     # repair of features.0 changes features.3's filter norms. The benchmark compares methods
     # on the same channels, so all of them must rank on the weights they were given.
-    from compress.prune.datafree_sites import select_channels
-    from compress.quant.udfc import udfc_compress
+    from slimline.compress.prune.datafree_sites import select_channels
+    from slimline.compress.quant.udfc import udfc_compress
 
     torch.manual_seed(0)
     model = calibrate_bn(build_model("cnn1d", channels=[16, 32, 32]), (1, 40))

@@ -15,10 +15,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.graph import OnnxFileError, graph_summary
-from export.int8check import Int8Warning, int8_warnings, isa_warning, unfused_qdq
-from export.latency import profile_onnx
-from export.ort_quant import QuantizationError, compare_onnx_models, ort_quantize
+from slimline.export.graph import OnnxFileError, graph_summary
+from slimline.export.int8check import Int8Warning, int8_warnings, isa_warning, unfused_qdq
+from slimline.export.latency import profile_onnx
+from slimline.export.ort_quant import QuantizationError, compare_onnx_models, ort_quantize
 from tests.test_latency import _save, mlp
 
 
@@ -200,7 +200,7 @@ def test_stage_without_an_onnx_input_names_the_fix(tmp_path, tiny_recipe):
         slimline.run(tiny_recipe, run_dir=tmp_path / "run", progress=False)
 
 
-# --- int8 diagnostics (export.int8check) ------------------------------------------------
+# --- int8 diagnostics (slimline.export.int8check) ------------------------------------------------
 
 VNNI_MACHINE = {"arch": "x86_64", "cpu": "test", "isa_flags": ["avx2", "avx512_vnni"]}
 

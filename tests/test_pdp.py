@@ -1,4 +1,4 @@
-"""PDP (compress.prune.pdp, stage prune.pdp): threshold, soft mask, exact hard sparsity."""
+"""PDP (slimline.compress.prune.pdp, stage prune.pdp): threshold, soft mask, exact hard sparsity."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import slimline
-from compress.prune.nm import nm_violations
-from compress.prune.pdp import PDPMask, PDPPruner, pdp_soft_mask, pdp_threshold
+from slimline.compress.prune.nm import nm_violations
+from slimline.compress.prune.pdp import PDPMask, PDPPruner, pdp_soft_mask, pdp_threshold
 
 
 def _mlp() -> nn.Module:

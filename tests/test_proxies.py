@@ -11,24 +11,24 @@ import pytest
 import torch
 import torch.nn as nn
 
-from search.diswot import (
+from slimline.models import build_model
+from slimline.search.diswot import (
     class_activation_matrix,
     relation_distance,
     sample_relation,
     semantic_distance,
 )
-from search.features import tap
-from search.proxies import (
+from slimline.search.features import tap
+from slimline.search.proxies import (
     ProxyError,
     ProxyInputs,
     get_proxy,
     list_proxies,
     score_architecture,
 )
-from search.proxies.activation import naswot_kernel_logdet, zen_score
-from search.proxies.base import correlation_eigen_score
-from search.proxies.transformer import _attention_linears, _mlp_linears, head_confidence
-from slimline.models import build_model
+from slimline.search.proxies.activation import naswot_kernel_logdet, zen_score
+from slimline.search.proxies.base import correlation_eigen_score
+from slimline.search.proxies.transformer import _attention_linears, _mlp_linears, head_confidence
 
 K = 1e-5
 
@@ -345,8 +345,8 @@ def test_wider_nets_score_higher_on_size_driven_proxies():
 # ---- benchmark on a tiny fake fixture ----------------------------------------------------------
 def test_bench_ranks_proxies_on_a_fake_fixture():
     from bench.bench_proxies import correlation_rows, evaluate_fixture, markdown, top_pick
-    from search.groundtruth import GroundTruth
-    from search.space import default_space
+    from slimline.search.groundtruth import GroundTruth
+    from slimline.search.space import default_space
     from slimline.training import TrainParams
 
     space = default_space()

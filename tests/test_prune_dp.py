@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from compress.prune.allocation import dp_allocation, fill_slack
-from compress.prune.distortion import DistortionCurves
-from compress.prune.dp import allocate_dp, allocate_dp_reference, quantize_cost
+from slimline.compress.prune.allocation import dp_allocation, fill_slack
+from slimline.compress.prune.distortion import DistortionCurves
+from slimline.compress.prune.dp import allocate_dp, allocate_dp_reference, quantize_cost
 
 
 def _brute_force(distortion: np.ndarray, cost: np.ndarray, budget: int) -> float | None:

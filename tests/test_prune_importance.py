@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.prune import prunable_weights
-from compress.prune.allocation import masks_from_counts, threshold_allocation
-from compress.prune.importance import (
+from slimline.compress.prune import prunable_weights
+from slimline.compress.prune.allocation import masks_from_counts, threshold_allocation
+from slimline.compress.prune.importance import (
     VIT_MODULES,
     DIMAPImportance,
     LAMPImportance,

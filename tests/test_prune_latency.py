@@ -16,13 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import slimline
-from compress.prune.layer_latency import (
+from slimline.compress.prune.layer_latency import (
     build_layer_latency_table,
     model_layer_widths,
     predict_model_latency,
 )
-from compress.prune.structured import StructuredPruningError, prune_channels
-from export.layer_lut import LayerGrid, LayerLatencyTable, LutError, grid_widths
+from slimline.compress.prune.structured import StructuredPruningError, prune_channels
+from slimline.export.layer_lut import LayerGrid, LayerLatencyTable, LutError, grid_widths
 from slimline.models import build_model
 from slimline.stage import StageFailed
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.prune import layer_sparsity, magnitude, magnitude_masks, prunable_weights
+from slimline.compress.prune import layer_sparsity, magnitude, magnitude_masks, prunable_weights
 
 
 def _net() -> nn.Module:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import slimline
-from compress.prune.nm import NMError, nm_mask, nm_prune, nm_violations
+from slimline.compress.prune.nm import NMError, nm_mask, nm_prune, nm_violations
 from slimline.models import build_model
 from slimline.params import ParamError, parse_params
 from slimline.stage import StageFailed

@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 
 import slimline
-from compress.prune.channel_allocation import group_levels
-from compress.prune.channel_groups import find_channel_groups
-from compress.prune.flops import count_flops
-from compress.prune.magnitude import magnitude
-from compress.prune.structured import StructuredPruningError, prune_channels
 from slimline.artifact import Artifact
+from slimline.compress.prune.channel_allocation import group_levels
+from slimline.compress.prune.channel_groups import find_channel_groups
+from slimline.compress.prune.flops import count_flops
+from slimline.compress.prune.magnitude import magnitude
+from slimline.compress.prune.structured import StructuredPruningError, prune_channels
 from slimline.models import build_model
 from slimline.params import ParamError, parse_params
 from slimline.stage import StageFailed
@@ -137,7 +137,7 @@ def test_flops_target_is_met_and_reported_ratio_matches_recount(allocation: str)
 
 def test_bert_heads_and_ffn_prune_run_and_export(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    from export import check_parity, export_onnx
+    from slimline.export import check_parity, export_onnx
 
     class TinyBert(nn.Module):
         def __init__(self) -> None:

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 import slimline
-from compress.prune import prunable_weights
-from compress.prune.allocation import keep_budget, threshold_allocation, uniform_allocation
-from compress.prune.distortion import (
+from slimline.compress.prune import prunable_weights
+from slimline.compress.prune.allocation import keep_budget, threshold_allocation, uniform_allocation
+from slimline.compress.prune.distortion import (
     IncrementalForward,
     additivity,
     distortion_curves,
     joint_distortion,
 )
-from compress.prune.importance import MagnitudeImportance
-from compress.prune.inputs import bn_matched_inputs
-from compress.prune.rate_distortion import rd_allocation
+from slimline.compress.prune.importance import MagnitudeImportance
+from slimline.compress.prune.inputs import bn_matched_inputs
+from slimline.compress.prune.rate_distortion import rd_allocation
 from slimline.data import load_dataset
 from slimline.models import build_model
 from slimline.recipe import RecipeError

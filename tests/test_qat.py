@@ -1,4 +1,4 @@
-"""QAT (compress.quant.qat, stage quant.qat): StatsQ grid, CGA, QKR, oscillation counting."""
+"""QAT (slimline.compress.quant.qat, stage quant.qat): StatsQ grid, CGA, QKR, oscillation counting."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import slimline
-from compress.quant.qat import (
+from slimline.compress.quant.qat import (
     OscillationTracker,
     QATConfig,
     QATController,
@@ -18,7 +18,7 @@ from compress.quant.qat import (
     statsq_scale,
     statsq_spec,
 )
-from compress.quant.state import quantization_of
+from slimline.compress.quant.state import quantization_of
 from slimline.models.vit import Attention
 
 

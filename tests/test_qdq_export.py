@@ -16,12 +16,17 @@ import yaml
 from onnx import numpy_helper
 
 import slimline
-from compress.prune import magnitude
-from compress.quant import QDQExportError, export_qdq_onnx, quantize_rtn
-from compress.quant.qdq_export import scale_mismatches
-from export import check_parity
-from export.qdq import FLOAT_KERNEL_OPS, INT8_KERNEL_OPS, ort_optimized_op_counts, qdq_summary
+from slimline.compress.prune import magnitude
+from slimline.compress.quant import QDQExportError, export_qdq_onnx, quantize_rtn
+from slimline.compress.quant.qdq_export import scale_mismatches
 from slimline.data import load_dataset
+from slimline.export import check_parity
+from slimline.export.qdq import (
+    FLOAT_KERNEL_OPS,
+    INT8_KERNEL_OPS,
+    ort_optimized_op_counts,
+    qdq_summary,
+)
 from slimline.models import build_model
 from slimline.stage import StageFailed
 

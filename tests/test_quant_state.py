@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from compress.quant import (
+from slimline.artifact import Artifact
+from slimline.compress.quant import (
     QuantSpec,
     QuantState,
     QuantStateError,
@@ -26,7 +27,6 @@ from compress.quant import (
     quantize_rtn,
     symmetric_spec,
 )
-from slimline.artifact import Artifact
 from slimline.models import build_model
 from slimline.structure import structure_diff
 

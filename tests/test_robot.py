@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from search.robot import (
+from slimline.search.robot import (
     combined_scores,
     minmax_normalise,
     proxy_greedy_search,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from search.nas import Candidate, Limits, arch_from_params, space_choices
-from search.pareto import pareto_front
-from search.space import SearchSpace
 from slimline.params import ParamError, parse_params
 from slimline.runner import run
+from slimline.search.nas import Candidate, Limits, arch_from_params, space_choices
+from slimline.search.pareto import pareto_front
+from slimline.search.space import SearchSpace
 from slimline.stages.search import NasParams
 
 TINY_SPACE = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.study import completed_trials, open_study
+from slimline.search.study import completed_trials, open_study
 from tests.pg_server import postgres_bin, throwaway_postgres
 from tests.search_worker_proc import check_study, finish, kill_mid_trial, start_worker
 

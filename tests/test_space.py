@@ -7,11 +7,11 @@ import json
 import pytest
 import torch.nn as nn
 
-from compress.prune.flops import count_params
-from search.space import Architecture, SearchSpace, load_space, space_from_dict
-from search.spaces_grid import CNN1dSpace, GridArchitecture, GRUSpace, ViTSpace
-from search.spaces_union import UnionSpace
+from slimline.compress.prune.flops import count_params
 from slimline.models import build_model
+from slimline.search.space import Architecture, SearchSpace, load_space, space_from_dict
+from slimline.search.spaces_grid import CNN1dSpace, GridArchitecture, GRUSpace, ViTSpace
+from slimline.search.spaces_union import UnionSpace
 
 VIT = {
     "family": "vit",
@@ -201,7 +201,7 @@ EXPANDING = {
 def test_expansion_and_skip_are_choices_of_the_cnn_space():
     import torch
 
-    from search.space import Architecture, SearchSpace
+    from slimline.search.space import Architecture, SearchSpace
 
     space = SearchSpace.from_dict(EXPANDING)
     assert space.size == 2 * 2 * 2 * 2

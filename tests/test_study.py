@@ -1,4 +1,4 @@
-"""search.study: storage URLs, logical-trial counting, the global cap, and dead-worker retries.
+"""slimline.search.study: storage URLs, logical-trial counting, the global cap, and dead-worker retries.
 
 Fast and in-process except one test with two real worker processes on the journal default;
 the PostgreSQL kill test is in tests/test_search_workers.py.
@@ -24,8 +24,8 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-import search.study as study_mod
-from search.study import (
+import slimline.search.study as study_mod
+from slimline.search.study import (
     ERROR_ATTR,
     OVER_CAP_ATTR,
     StudyStorageError,

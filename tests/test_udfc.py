@@ -14,17 +14,17 @@ import torch.nn as nn
 import yaml
 
 import slimline
-from compress.prune.datafree_sites import ChannelFilters, find_prune_sites
-from compress.prune.neuron_merging import prune_sites
-from compress.quant.datafree import weight_spec
-from compress.quant.udfc import (
+from slimline.artifact import Artifact
+from slimline.compress.prune.datafree_sites import ChannelFilters, find_prune_sites
+from slimline.compress.prune.neuron_merging import prune_sites
+from slimline.compress.quant.datafree import weight_spec
+from slimline.compress.quant.udfc import (
     pruning_loss,
     pruning_scales,
     quantization_loss,
     quantization_scales,
     udfc_compress,
 )
-from slimline.artifact import Artifact
 from slimline.models import build_model
 from slimline.stage import get_stage
 from slimline.stages.datafree import DataAccessError, data_free, no_data

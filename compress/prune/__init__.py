@@ -5,18 +5,18 @@ Everything here works on a plain ``nn.Module``; the recipe stages in ``slimline.
 these functions to artifacts.
 """
 
-from compress.prune.allocation import (
+from slimline.compress.prune.allocation import (
     dp_allocation,
     keep_budget,
     masks_from_counts,
     threshold_allocation,
     uniform_allocation,
 )
-from compress.prune.channel_allocation import CostModel, allocate, build_cost_model
-from compress.prune.distortion import additivity, distortion_curves, output_distortion
-from compress.prune.dp import allocate_dp, allocate_dp_reference, quantize_cost
-from compress.prune.flops import FlopCount, count_flops, count_params
-from compress.prune.importance import (
+from slimline.compress.prune.channel_allocation import CostModel, allocate, build_cost_model
+from slimline.compress.prune.distortion import additivity, distortion_curves, output_distortion
+from slimline.compress.prune.dp import allocate_dp, allocate_dp_reference, quantize_cost
+from slimline.compress.prune.flops import FlopCount, count_flops, count_params
+from slimline.compress.prune.importance import (
     DIMAPImportance,
     Importance,
     LAMPImportance,
@@ -25,16 +25,16 @@ from compress.prune.importance import (
     lamp_scores,
     make_importance,
 )
-from compress.prune.magnitude import (
+from slimline.compress.prune.magnitude import (
     apply_masks,
     layer_sparsity,
     magnitude,
     magnitude_masks,
     prunable_weights,
 )
-from compress.prune.nm import NMError, nm_mask, nm_masks, nm_prune, nm_violations
-from compress.prune.rate_distortion import rd_allocation
-from compress.prune.structured import (
+from slimline.compress.prune.nm import NMError, nm_mask, nm_masks, nm_prune, nm_violations
+from slimline.compress.prune.rate_distortion import rd_allocation
+from slimline.compress.prune.structured import (
     ChannelImportance,
     ChannelMagnitudeImportance,
     ChannelPruningResult,

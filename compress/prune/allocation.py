@@ -12,7 +12,7 @@ lowest, and no allocation brings them back.
 
 * :func:`uniform_allocation` — every layer at ``sparsity``.
 * :func:`threshold_allocation` — one global threshold on an importance score (global magnitude,
-  LAMP, DIMAP; see :mod:`compress.prune.importance`).
+  LAMP, DIMAP; see :mod:`slimline.compress.prune.importance`).
 * :func:`dp_allocation` — Xu et al.'s rate-distortion optimum over measured distortion curves.
 """
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compress.prune.distortion import DistortionCurves
-from compress.prune.dp import MAX_TABLE_CELLS, allocate_dp, quantize_cost
+from slimline.compress.prune.distortion import DistortionCurves
+from slimline.compress.prune.dp import MAX_TABLE_CELLS, allocate_dp, quantize_cost
 
 
 def keep_budget(total: int, sparsity: float) -> int:

@@ -10,12 +10,12 @@ group - and returns the kept counts. Budgets are measured by a :class:`CostModel
   input channels (a depthwise conv only ``F * r``), attention matmuls scale with the kept heads,
   and everything no group touches is a constant.
 * ``latency``: predicted onnxruntime latency from a per-layer table
-  (:class:`export.layer_lut.LayerLatencyTable`, attached by
-  :func:`compress.prune.layer_latency.attach_latency`): the fixed
+  (:class:`slimline.export.layer_lut.LayerLatencyTable`, attached by
+  :func:`slimline.compress.prune.layer_latency.attach_latency`): the fixed
   overhead plus each Conv/Linear layer's entry at its kept (input, output) widths.
 
 ``dp`` minimises the summed importance of the removed units (the distortion) under the budget with
-:func:`compress.prune.dp.allocate_dp`. FLOPs are bilinear in the kept fractions of neighbouring
+:func:`slimline.compress.prune.dp.allocate_dp`. FLOPs are bilinear in the kept fractions of neighbouring
 groups, so the DP sees each group's cost with its neighbours held at the current solution and is
 re-solved from its own answer until that settles; the best feasible answer is kept, and a greedy
 repair (drop the level with the least distortion per FLOP saved) guarantees the budget holds.
@@ -34,16 +34,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.prune.channel_groups import (
+from slimline.compress.prune.channel_groups import (
     CONV_LINEAR,
     ChannelGraph,
     ChannelGroup,
     StructuredPruningError,
 )
-from compress.prune.flops import FlopCount
+from slimline.compress.prune.flops import FlopCount
 
 if TYPE_CHECKING:
-    from export.layer_lut import LayerLatencyTable
+    from slimline.export.layer_lut import LayerLatencyTable
 
 Target = Literal["channels", "flops", "latency"]
 Allocation = Literal["uniform", "global", "dp"]
@@ -254,7 +254,7 @@ def allocate(
     combinations meet the budget ``kept <= (1 - ratio) * original`` as closely as the levels
     allow, and raise :class:`StructuredPruningError` when no allocation can meet it.
     ``distortion`` (``dp`` only) is a ``(groups, levels)`` table over :func:`group_levels`, e.g.
-    :func:`~compress.prune.channel_distortion.output_distortion_table`; by default the summed
+    :func:`~slimline.compress.prune.channel_distortion.output_distortion_table`; by default the summed
     scores of the removed units.
     """
     if not 0.0 <= ratio < 1.0:
@@ -354,7 +354,7 @@ def _distortion_table(levels, sizes, sorted_scores) -> np.ndarray:
 
 
 def _dp_channels(levels, distortion, widths, budget: int) -> list[int]:
-    from compress.prune.dp import allocate_dp
+    from slimline.compress.prune.dp import allocate_dp
 
     cost = np.zeros(distortion.shape, dtype=np.int64)
     for g, (lv, w) in enumerate(zip(levels, widths)):
@@ -374,7 +374,7 @@ def _dp_linearised(
     iterations: int = 8,
 ) -> list[int]:
     """DP under a cost that is not separable per group (FLOPs, latency): see the module doc."""
-    from compress.prune.dp import allocate_dp, quantize_cost
+    from slimline.compress.prune.dp import allocate_dp, quantize_cost
 
     def total_distortion(kept: list[int]) -> float:
         return float(

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.prune.channel_groups import ChannelGraph, ChannelGroup
+from slimline.compress.prune.channel_groups import ChannelGraph, ChannelGroup
 
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from compress.prune.channel_groups import ChannelGroup
+from slimline.compress.prune.channel_groups import ChannelGroup
 
 _OUT_FNS = {
     tp.prune_conv_out_channels,

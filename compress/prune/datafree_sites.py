@@ -3,7 +3,7 @@
 A :class:`PruneSite` is a set of channels that can be removed with the damage repaired by one
 consumer layer (UDFC, Neuron Merging) or not repaired at all (the plain baseline):
 
-* ``direct``: a :class:`~compress.prune.layer_chains.LayerChain` ``layer -> BN -> ReLU ->
+* ``direct``: a :class:`~slimline.compress.prune.layer_chains.LayerChain` ``layer -> BN -> ReLU ->
   consumer`` with a dense Conv or Linear consumer. In a ResNet BasicBlock that is ``conv1 ->
   bn1 -> relu1 -> conv2``; the block's output channels (tied to the residual add) are no site.
 * ``depthwise``: ``expand -> BN -> act -> depthwise -> BN -> act -> consumer`` (a MobileNetV2
@@ -30,14 +30,14 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from compress.prune.channel_groups import (
+from slimline.compress.prune.channel_groups import (
     ChannelGraph,
     ChannelGroup,
     StructuredPruningError,
     find_channel_groups,
     prune_group,
 )
-from compress.prune.layer_chains import LayerChain, find_layer_chains
+from slimline.compress.prune.layer_chains import LayerChain, find_layer_chains
 
 __all__ = [
     "ChannelFilters",
@@ -286,8 +286,8 @@ def compensate_mean(
     off by default). Zero padding makes the consumer's border outputs differ slightly. Returns
     False (nothing done) for a site without a BatchNorm. Call before removing the channels.
     """
-    from compress.quant.bn_statistics import clipped_normal_moments
-    from compress.quant.fold import conv_bn_pairs
+    from slimline.compress.quant.bn_statistics import clipped_normal_moments
+    from slimline.compress.quant.fold import conv_bn_pairs
 
     chain = site.chains[-1]
     if chain.norm is None or len(removed) == 0:

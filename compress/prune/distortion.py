@@ -5,7 +5,7 @@ outputs against the unpruned network's on fixed inputs, and observe that pruning
 layers distorts the output by roughly the *sum* of what each layer does alone (additivity).
 :func:`distortion_curves` measures ``delta_l(phi)`` for every layer ``l`` and level ``phi``
 (fraction of the layer's weights removed by magnitude) with everything else dense, which is what
-the DP in :mod:`compress.prune.dp` consumes; :func:`additivity` checks that assumption.
+the DP in :mod:`slimline.compress.prune.dp` consumes; :func:`additivity` checks that assumption.
 
 Efficiency: no autograd; one forward per distinct (layer, pruned count) on one fixed batch; and
 when the model traces with ``torch.fx``, only the part of the graph downstream of the pruned layer

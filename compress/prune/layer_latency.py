@@ -2,18 +2,18 @@
 
 :func:`build_layer_latency_table` times every Conv/Linear layer of a model with onnxruntime at
 a coarse grid of the (input, output) widths channel pruning can give it, producing an
-:class:`export.layer_lut.LayerLatencyTable` for ``prune_channels(target="latency")``. Each grid
+:class:`slimline.export.layer_lut.LayerLatencyTable` for ``prune_channels(target="latency")``. Each grid
 point is a small module exported to ONNX - the layer at those widths, plus the BatchNorm that
 follows it (folded into the Conv by the exporter, as in the whole model) and a ReLU (fused into
 the Conv by onnxruntime) - fed an input of the layer's spatial size. Timing reuses
-:mod:`export.lut`: the modules go into a blocks folder with the empty overhead model and are
-measured by :func:`export.lut.measure_lut` (fixed threads, interleaved rounds, the fixed
+:mod:`slimline.export.lut`: the modules go into a blocks folder with the empty overhead model and are
+measured by :func:`slimline.export.lut.measure_lut` (fixed threads, interleaved rounds, the fixed
 per-run overhead subtracted from every entry and added back once per prediction).
 
 Grid size: ``grid_points`` widths per side (the smallest reachable, the full width and evenly
 spaced multiples of ``round_to`` in between), so at most ``grid_points**2`` timings per layer
 (a depthwise conv or a side no group prunes needs one axis / one point); everything between is
-interpolated bilinearly (:meth:`export.layer_lut.LayerGrid.lookup`).
+interpolated bilinearly (:meth:`slimline.export.layer_lut.LayerGrid.lookup`).
 """
 
 from __future__ import annotations
@@ -27,17 +27,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.prune.channel_allocation import CostModel, build_cost_model, group_levels
-from compress.prune.channel_groups import (
+from slimline.compress.prune.channel_allocation import CostModel, build_cost_model, group_levels
+from slimline.compress.prune.channel_groups import (
     CONV_LINEAR,
     ChannelGraph,
     StructuredPruningError,
     find_channel_groups,
 )
-from compress.prune.flops import count_flops
-from export.layer_lut import LayerGrid, LayerLatencyTable, LutError, grid_widths
-from export.lut import BlockFile, LatencyTable, measure_lut, write_manifest, write_overhead_model
-from export.lut_blocks import export_block
+from slimline.compress.prune.flops import count_flops
+from slimline.export.layer_lut import LayerGrid, LayerLatencyTable, LutError, grid_widths
+from slimline.export.lut import (
+    BlockFile,
+    LatencyTable,
+    measure_lut,
+    write_manifest,
+    write_overhead_model,
+)
+from slimline.export.lut_blocks import export_block
 
 __all__ = [
     "attach_latency",
@@ -277,7 +283,7 @@ def measure_model_latency(
     """Whole-model onnxruntime latency (ms, overhead *included*: what a prediction estimates).
 
     Returns ``{"median_ms", "p90_ms", "overhead_ms"}``; the model is exported like a table's
-    layers (:func:`export.lut_blocks.export_block`) and timed with the same protocol.
+    layers (:func:`slimline.export.lut_blocks.export_block`) and timed with the same protocol.
     """
     modes = [(module, module.training) for module in model.modules()]
     with tempfile.TemporaryDirectory() as scratch:

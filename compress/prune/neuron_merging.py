@@ -4,7 +4,7 @@ Kim, Kim, Kim & Cha, 2020, "Neuron Merging: Compensating for Pruned Neurons" (Ne
 pruned filter is merged into the *one* kept filter most like it, and the next layer absorbs it
 (``W_{l+1}[:, k] += S * W_{l+1}[:, j]``). With a BatchNorm, channel ``c`` computes ``z_c =
 R_c . x + K_c`` (``R`` the BN-folded filter, ``K`` the folded bias, see
-:class:`~compress.prune.datafree_sites.ChannelFilters`). If ``R_j = S R_k`` with ``S > 0`` and
+:class:`~slimline.compress.prune.datafree_sites.ChannelFilters`). If ``R_j = S R_k`` with ``S > 0`` and
 ``K_j = S K_k`` then ``relu(z_j) = S relu(z_k)`` exactly, so (the paper's batch-normalization variant):
 
 * similarity ``cos(R_j, R_k)`` and scale ``S = ||R_j|| / ||R_k||`` (norm ratio of the folded
@@ -21,7 +21,7 @@ The paper tunes ``threshold`` and ``lam`` per network; our defaults (0.1, 0.85) 
 
 :func:`prune_sites` prunes every site of a model with ``compensation="merge"`` (this method) or
 ``"none"`` (the plain baseline: the same channels removed, nothing repaired). UDFC's pruning
-(a least-squares combination of all kept filters) is :func:`compress.quant.udfc.udfc_compress`.
+(a least-squares combination of all kept filters) is :func:`slimline.compress.quant.udfc.udfc_compress`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from compress.prune.datafree_sites import (
+from slimline.compress.prune.datafree_sites import (
     ChannelFilters,
     Criterion,
     PruneSite,
@@ -45,7 +45,7 @@ from compress.prune.datafree_sites import (
     select_channels,
     site_record,
 )
-from compress.prune.layer_chains import forward_layer_order
+from slimline.compress.prune.layer_chains import forward_layer_order
 
 __all__ = ["DataFreePruneResult", "merge_scales", "prune_sites", "select_site_channels"]
 
@@ -131,7 +131,7 @@ def prune_sites(
     """Remove ``ratio`` of each prune site's channels (smallest filter L1/L2 norm of the model as
     given, :func:`select_site_channels`), in place and in forward order, merging them into kept ones (``"merge"``) or not at all (``"none"``).
     ``mean_correction`` also restores the consumer's mean input from BN statistics
-    (:func:`~compress.prune.datafree_sites.compensate_mean`; not part of either method).
+    (:func:`~slimline.compress.prune.datafree_sites.compensate_mean`; not part of either method).
     ``masks`` (keep-masks by parameter name) are sliced along with the weights.
 
     Raises:

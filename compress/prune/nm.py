@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from compress.prune.magnitude import apply_masks, prunable_weights
+from slimline.compress.prune.magnitude import apply_masks, prunable_weights
 
 OnIndivisible = Literal["error", "skip"]
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from compress.prune.magnitude import apply_masks, magnitude_masks, prunable_weights
-from compress.prune.nm import _from_groups, _to_groups, check_pattern, nm_mask
+from slimline.compress.prune.magnitude import apply_masks, magnitude_masks, prunable_weights
+from slimline.compress.prune.nm import _from_groups, _to_groups, check_pattern, nm_mask
 
 __all__ = ["PDPMask", "PDPPruner", "pdp_soft_mask", "pdp_threshold", "nm_thresholds"]
 
@@ -57,7 +57,7 @@ def pdp_threshold(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def nm_thresholds(magnitude: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Per M-group thresholds (eq. 2 inside each group): midpoint of the N-th and (N+1)-th
-    largest ``|w|``, shaped ``(..., groups, 1)`` like :func:`compress.prune.nm._to_groups`."""
+    largest ``|w|``, shaped ``(..., groups, 1)`` like :func:`slimline.compress.prune.nm._to_groups`."""
     check_pattern(n, m)
     groups = torch.sort(_to_groups(magnitude.detach(), m), dim=-1, descending=True).values
     return (groups[..., n - 1 : n] + groups[..., n : n + 1]) / 2

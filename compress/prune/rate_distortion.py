@@ -2,7 +2,7 @@
 
 :func:`rd_allocation` is Xu et al. (ICCV 2023): measure every layer's distortion curve with the
 rest of the model dense, then solve ``min sum_l delta_l(phi_l)`` under the weight budget with the
-DP of :mod:`compress.prune.dp`.
+DP of :mod:`slimline.compress.prune.dp`.
 
 Additivity around the *dense* model degrades as the pruned model drifts from it (high sparsity,
 strongly coupled layers). ``refine`` rounds therefore re-measure the curves *conditionally* —
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from compress.prune.allocation import dp_allocation
-from compress.prune.distortion import DistortionCurves, distortion_curves, joint_distortion
+from slimline.compress.prune.allocation import dp_allocation
+from slimline.compress.prune.distortion import DistortionCurves, distortion_curves, joint_distortion
 
 
 @dataclass

@@ -2,13 +2,13 @@
 
 The pieces, each usable on its own:
 
-* :mod:`compress.prune.channel_groups` - coupled groups from Torch-Pruning's DependencyGraph
+* :mod:`slimline.compress.prune.channel_groups` - coupled groups from Torch-Pruning's DependencyGraph
   (residual adds, BN, depthwise convs, concat, the q/k/v/proj of a head) and the surgery;
-* :mod:`compress.prune.channel_importance` - ``importance(group) -> scores`` (L1/L2 magnitude);
-* :mod:`compress.prune.channel_allocation` - kept units per group: ``uniform``, ``global``
-  ranking, or ``dp`` (:func:`compress.prune.dp.allocate_dp`) under a channel, FLOPs or
-  latency budget (:mod:`compress.prune.layer_latency`: a per-layer onnxruntime table);
-* :mod:`compress.prune.flops` - FLOPs and parameter counts.
+* :mod:`slimline.compress.prune.channel_importance` - ``importance(group) -> scores`` (L1/L2 magnitude);
+* :mod:`slimline.compress.prune.channel_allocation` - kept units per group: ``uniform``, ``global``
+  ranking, or ``dp`` (:func:`slimline.compress.prune.dp.allocate_dp`) under a channel, FLOPs or
+  latency budget (:mod:`slimline.compress.prune.layer_latency`: a per-layer onnxruntime table);
+* :mod:`slimline.compress.prune.flops` - FLOPs and parameter counts.
 
 :func:`prune_channels` wires them::
 
@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn as nn
 
-from compress.prune.channel_allocation import (
+from slimline.compress.prune.channel_allocation import (
     Allocation,
     Target,
     allocate,
     build_cost_model,
     group_levels,
 )
-from compress.prune.channel_distortion import output_distortion_table
-from compress.prune.channel_groups import (
+from slimline.compress.prune.channel_distortion import output_distortion_table
+from slimline.compress.prune.channel_groups import (
     CONV_LINEAR,
     ChannelGraph,
     ChannelGroup,
@@ -45,15 +45,15 @@ from compress.prune.channel_groups import (
     find_channel_groups,
     prune_group,
 )
-from compress.prune.channel_importance import (
+from slimline.compress.prune.channel_importance import (
     ChannelImportance,
     ChannelMagnitudeImportance,
     unit_scores,
 )
-from compress.prune.flops import count_flops
+from slimline.compress.prune.flops import count_flops
 
 if TYPE_CHECKING:
-    from export.layer_lut import LayerLatencyTable
+    from slimline.export.layer_lut import LayerLatencyTable
 
 DPDistortion = Literal["output", "magnitude"]
 
@@ -155,7 +155,7 @@ def prune_channels(
             al.'s additive distortion) - or ``magnitude``, the summed scores of removed units.
         masks: keep-masks (parameter name -> bool tensor) sliced along with their weights.
         latency_table: per-layer latency grids of this model
-            (:func:`compress.prune.layer_latency.build_layer_latency_table`); required for and
+            (:func:`slimline.compress.prune.layer_latency.build_layer_latency_table`); required for and
             only used by ``target="latency"``, whose budget is ``(1 - ratio)`` times the table's
             prediction for the unpruned model (overhead counted once).
 
@@ -176,7 +176,7 @@ def prune_channels(
             raise StructuredPruningError(f"{key} must be one of {allowed}, got {value!r}")
     if target == "latency" and latency_table is None:
         raise StructuredPruningError(
-            "target='latency' needs latency_table (compress.prune.layer_latency."
+            "target='latency' needs latency_table (slimline.compress.prune.layer_latency."
             "build_layer_latency_table, or LayerLatencyTable.load)"
         )
     importance = importance or ChannelMagnitudeImportance(p=1)
@@ -202,7 +202,7 @@ def prune_channels(
     latency_before = None
     if target == "latency":
         # Imported here: the latency path pulls in onnx/onnxruntime, the others need neither.
-        from compress.prune.layer_latency import attach_latency
+        from slimline.compress.prune.layer_latency import attach_latency
 
         attach_latency(cost, graph, latency_table)
         latency_before = cost.latency([g.size for g in graph.groups])

@@ -8,12 +8,12 @@
 * :func:`export_qdq_onnx` — int8 QDQ ONNX with exactly the PyTorch scales.
 """
 
-from compress.quant.fold import fold_batchnorm, fold_conv_bn_weights
-from compress.quant.placement import ActivationPlan, plan_activation_points
-from compress.quant.qdq_export import QDQExportError, export_qdq_onnx
-from compress.quant.rtn import MinMaxObserver, RTNResult, quantize_rtn, weight_spec_rtn
-from compress.quant.spec import QuantSpec, affine_spec, symmetric_spec
-from compress.quant.state import (
+from slimline.compress.quant.fold import fold_batchnorm, fold_conv_bn_weights
+from slimline.compress.quant.placement import ActivationPlan, plan_activation_points
+from slimline.compress.quant.qdq_export import QDQExportError, export_qdq_onnx
+from slimline.compress.quant.rtn import MinMaxObserver, RTNResult, quantize_rtn, weight_spec_rtn
+from slimline.compress.quant.spec import QuantSpec, affine_spec, symmetric_spec
+from slimline.compress.quant.state import (
     QuantState,
     QuantStateError,
     TensorPoint,

@@ -176,7 +176,7 @@ def propagate_stats(
     model: nn.Module, layer_stats: dict[str, ChannelStats], *, sigmas: float, input_std: float = 1.0
 ) -> dict[str, ChannelStats | DataFreeRangeError]:
     """:class:`ChannelStats` of every fx node's output (by node name; for modules also by
-    :class:`~compress.quant.state.TensorPoint` key ``"<module>:input"`` / ``"<module>:output"``),
+    :class:`~slimline.compress.quant.state.TensorPoint` key ``"<module>:input"`` / ``"<module>:output"``),
     or the error saying why a tensor has none. ``layer_stats`` are the known
     outputs of (folded) Conv/Linear layers, e.g. from :func:`bn_output_stats`."""
     modules = dict(model.named_modules())

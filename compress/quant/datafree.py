@@ -1,15 +1,15 @@
 """Data-free post-training quantization into the shared :class:`QuantState`.
 
-:func:`quantize_datafree` is :func:`compress.quant.rtn.quantize_rtn` without the calibration
+:func:`quantize_datafree` is :func:`slimline.compress.quant.rtn.quantize_rtn` without the calibration
 set: BatchNorm is folded, weights are rounded to nearest on a symmetric (or asymmetric) grid
 per channel (or per tensor), and every activation point gets its 8-bit grid from the BatchNorm
-statistics (:mod:`compress.quant.bn_statistics`: ``mean +- range_sigmas * std`` per channel,
+statistics (:mod:`slimline.compress.quant.bn_statistics`: ``mean +- range_sigmas * std`` per channel,
 clipped by ReLU/ReLU6, carried through adds and pools). A calibration set may still be given
 (min/max observers, as RTN); the data-free stages never give one.
 
-DFQ's three steps (:mod:`compress.quant.dfq`) run here too when asked, in the paper's order:
+DFQ's three steps (:mod:`slimline.compress.quant.dfq`) run here too when asked, in the paper's order:
 fold BN, equalize, absorb high biases, quantize weights, correct biases. UDFC
-(:mod:`compress.quant.udfc`) rescales layers before calling this with the same weight grids.
+(:mod:`slimline.compress.quant.udfc`) rescales layers before calling this with the same weight grids.
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.prune.layer_chains import find_layer_chains
-from compress.quant.bn_statistics import (
+from slimline.compress.prune.layer_chains import find_layer_chains
+from slimline.compress.quant.bn_statistics import (
     ChannelStats,
     DataFreeRangeError,
     bn_output_stats,
     propagate_stats,
 )
-from compress.quant.fold import conv_bn_pairs, fold_batchnorm
-from compress.quant.placement import ActivationPlan, plan_activation_points
-from compress.quant.rtn import (
+from slimline.compress.quant.fold import conv_bn_pairs, fold_batchnorm
+from slimline.compress.quant.placement import ActivationPlan, plan_activation_points
+from slimline.compress.quant.rtn import (
     MinMaxObserver,
     add_bias_specs,
     quantization_targets,
     weight_spec_rtn,
 )
-from compress.quant.spec import QuantSpec, affine_spec
-from compress.quant.state import QuantState, TensorPoint, attach_quantization
+from slimline.compress.quant.spec import QuantSpec, affine_spec
+from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
 
 __all__ = ["DataFreeRangeError", "DataFreeResult", "quantize_datafree", "weight_spec"]
 
@@ -57,7 +57,7 @@ class DataFreeResult:
 def weight_spec(
     weight: torch.Tensor, bits: int, *, per_channel: bool = True, symmetric: bool = True
 ) -> QuantSpec:
-    """Weight grid: symmetric = :func:`~compress.quant.rtn.weight_spec_rtn` (zero point 0,
+    """Weight grid: symmetric = :func:`~slimline.compress.quant.rtn.weight_spec_rtn` (zero point 0,
     narrow range); asymmetric = signed affine grid over each channel's [min, max] (zero
     included), with a per-channel zero point."""
     if symmetric:
@@ -102,13 +102,13 @@ def quantize_datafree(
         range_sigmas: activation grids cover ``mean +- range_sigmas * std`` of the BN model.
         input_std: the model input is taken as ``N(0, input_std^2)`` per element.
         calibration: optional model inputs; then activation ranges are observed min/max.
-        equalize, absorb_high_bias, correct_bias: DFQ's steps (see :mod:`compress.quant.dfq`).
+        equalize, absorb_high_bias, correct_bias: DFQ's steps (see :mod:`slimline.compress.quant.dfq`).
 
     Raises:
         ValueError: bad bit widths or nothing to quantize.
         DataFreeRangeError: an activation point whose range has no data-free rule (named).
     """
-    from compress.quant import dfq
+    from slimline.compress.quant import dfq
 
     if not 2 <= weight_bits <= 16:
         raise ValueError(f"weight_bits must be in [2, 16], got {weight_bits}")

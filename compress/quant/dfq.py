@@ -2,9 +2,9 @@
 
 Nagel, van Baalen, Blankevoort & Welling, 2019, "Data-Free Quantization Through Weight
 Equalization and Bias Correction" (ICCV). All three act on a BN-folded model, on the
-:class:`~compress.prune.layer_chains.LayerChain` pairs ``layer -> ReLU -> consumer``, with the
+:class:`~slimline.compress.prune.layer_chains.LayerChain` pairs ``layer -> ReLU -> consumer``, with the
 per-channel pre-activation statistics ``N(beta, gamma^2)`` the folded BatchNorms left
-(:mod:`compress.quant.bn_statistics`), which these functions keep up to date.
+(:mod:`slimline.compress.quant.bn_statistics`), which these functions keep up to date.
 
 ReLU6 (MobileNetV2) is not positively homogeneous: ``relu6(x / s) * s != relu6(x)`` where the
 clip at 6 is reached. The paper replaces ReLU6 by ReLU; we cannot change the architecture, so a
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from compress.prune.layer_chains import LayerChain, is_depthwise
-from compress.quant.bn_statistics import ChannelStats, DataFreeRangeError
+from slimline.compress.prune.layer_chains import LayerChain, is_depthwise
+from slimline.compress.quant.bn_statistics import ChannelStats, DataFreeRangeError
 
 __all__ = ["absorb_high_biases", "correct_bias", "equalization_scales", "equalize"]
 

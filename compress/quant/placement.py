@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
-from compress.quant.state import TensorPoint
+from slimline.compress.quant.state import TensorPoint
 
 __all__ = ["ActivationPlan", "plan_activation_points"]
 

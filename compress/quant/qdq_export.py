@@ -2,9 +2,9 @@
 
 How: a deep copy of the model is traced by :func:`export.export_onnx` (the dynamo exporter)
 with its activation hooks in QDQ mode (quantize/dequantize ops, see
-:func:`compress.quant.state.tracing_as_qdq`) and each quantized weight behind a parametrization
+:func:`slimline.compress.quant.state.tracing_as_qdq`) and each quantized weight behind a parametrization
 that quantizes/dequantizes it, so the traced graph carries every scale and zero point as
-PyTorch has them (float32 -> float64 -> float32 is exact). :func:`export.qdq.write_qdq` then
+PyTorch has them (float32 -> float64 -> float32 is exact). :func:`slimline.export.qdq.write_qdq` then
 stores the weights as int8 initializers, int32 biases, and folds weight transposes, giving
 the layout ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat / QLinearAdd.
 """
@@ -23,8 +23,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from compress.quant.spec import QuantSpec
-from compress.quant.state import (
+from slimline.compress.quant.spec import QuantSpec
+from slimline.compress.quant.state import (
     QuantState,
     attach_quantization,
     off_grid_parameters,
@@ -33,7 +33,7 @@ from compress.quant.state import (
 )
 
 if TYPE_CHECKING:
-    from export.qdq import QDQSummary
+    from slimline.export.qdq import QDQSummary
 
 __all__ = ["QDQExportError", "export_qdq_onnx", "scale_mismatches"]
 
@@ -79,19 +79,19 @@ def export_qdq_onnx(
 
     Weights with at most 8 bits are stored as int8/uint8 initializers (a 4-bit weight keeps its
     16-level grid inside int8), biases of quantized layers as int32. Returns the path and the
-    rewrite report of :func:`export.qdq.finalize_qdq`.
+    rewrite report of :func:`slimline.export.qdq.finalize_qdq`.
 
     Raises:
         QDQExportError: no quantization state, parameters off their grid, or the export failed.
     """
-    from export import ExportError, export_onnx
-    from export.qdq import QDQError, qdq_summary, write_qdq
+    from slimline.export import ExportError, export_onnx
+    from slimline.export.qdq import QDQError, qdq_summary, write_qdq
 
     state = state or quantization_of(model)
     if state is None:
         raise QDQExportError(
             f"{type(model).__name__} has no quantization state: quantize it "
-            "first (e.g. compress.quant.quantize_rtn or the quant.rtn stage)"
+            "first (e.g. slimline.compress.quant.quantize_rtn or the quant.rtn stage)"
         )
     off_grid = off_grid_parameters(model, state)
     if off_grid:
@@ -112,7 +112,7 @@ def export_qdq_onnx(
     modules = dict(traced.named_modules())
     for name, spec in state.weights.items():
         owner, _, attribute = name.rpartition(".")
-        if spec.bits <= 8:  # int32 biases are quantized from the graph's scales (export.qdq)
+        if spec.bits <= 8:  # int32 biases are quantized from the graph's scales (slimline.export.qdq)
             parametrize.register_parametrization(
                 modules[owner], attribute, _WeightQDQ(spec), unsafe=True
             )

@@ -9,7 +9,7 @@ on the int32 grid ``scale_x * scale_w`` that integer kernels add them on, so the
 computes what the int8 runtime computes.
 
 Steps (:func:`quantize_rtn`): fold BatchNorm into convs, choose activation points
-(:mod:`compress.quant.placement`), quantize weights, calibrate activations on the model with
+(:mod:`slimline.compress.quant.placement`), quantize weights, calibrate activations on the model with
 quantized weights, derive bias grids, attach everything (:func:`attach_quantization`).
 """
 
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.quant.fold import fold_batchnorm
-from compress.quant.placement import ActivationPlan, plan_activation_points
-from compress.quant.spec import QuantSpec, affine_spec, symmetric_spec
-from compress.quant.state import QuantState, TensorPoint, attach_quantization
+from slimline.compress.quant.fold import fold_batchnorm
+from slimline.compress.quant.placement import ActivationPlan, plan_activation_points
+from slimline.compress.quant.spec import QuantSpec, affine_spec, symmetric_spec
+from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
 
 __all__ = [
     "MinMaxObserver",

@@ -1,9 +1,9 @@
 """A quantized model's state: which tensors are quantized how, and how a module runs it.
 
-:class:`QuantState` holds one :class:`~compress.quant.spec.QuantSpec` per quantized parameter
+:class:`QuantState` holds one :class:`~slimline.compress.quant.spec.QuantSpec` per quantized parameter
 (by parameter name: ``"layer1.0.conv1.weight"``, int32 biases as ``"...conv1.bias"``) and per
 quantized activation (by :class:`TensorPoint`: the input or the output of a named module). It is
-what every quantizer in :mod:`compress.quant` returns, what an Artifact stores (JSON-able, in
+what every quantizer in :mod:`slimline.compress.quant` returns, what an Artifact stores (JSON-able, in
 ``artifact.state["quantization"]``) and what the int8 QDQ exporter reads.
 
 :func:`attach_quantization` makes a module's PyTorch forward run the quantized computation:
@@ -28,7 +28,7 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 import torch.nn as nn
 
-from compress.quant.spec import QuantSpec
+from slimline.compress.quant.spec import QuantSpec
 
 __all__ = [
     "QuantState",

@@ -4,7 +4,7 @@ Bai, Chen, Shen, Qian & Liu, 2023, "Unified Data-Free Compression: Pruning and Q
 without Fine-Tuning" (ICCV; arXiv 2308.07209), sec. 3. Layer ``l`` (Conv + BN with ``gamma,
 beta, mu, sigma`` + ReLU) feeds layer ``l+1``. Write channel ``c``'s pre-activation as
 ``z_c = scale_c (W_c . x) + K_c`` with ``scale = gamma / sigma`` and ``K = beta - gamma mu /
-sigma`` (:class:`~compress.prune.datafree_sites.ChannelFilters`).
+sigma`` (:class:`~slimline.compress.prune.datafree_sites.ChannelFilters`).
 
 **Pruning.** A pruned channel ``j`` is assumed to be a linear combination of the kept channels
 ``i``, ``a_j ~ sum_i s_i a_i``; layer ``l+1`` then reads the same input if its column ``i``
@@ -60,7 +60,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from compress.prune.datafree_sites import (
+from slimline.compress.prune.datafree_sites import (
     ChannelFilters,
     PruneSite,
     SiteTotals,
@@ -71,11 +71,11 @@ from compress.prune.datafree_sites import (
     remove_site_channels,
     site_record,
 )
-from compress.prune.layer_chains import LayerChain, find_layer_chains, forward_layer_order
-from compress.prune.neuron_merging import select_site_channels
-from compress.quant.bn_statistics import clipped_normal_moments
-from compress.quant.datafree import DataFreeResult, quantize_datafree, weight_spec
-from compress.quant.fold import fold_conv_bn_weights
+from slimline.compress.prune.layer_chains import LayerChain, find_layer_chains, forward_layer_order
+from slimline.compress.prune.neuron_merging import select_site_channels
+from slimline.compress.quant.bn_statistics import clipped_normal_moments
+from slimline.compress.quant.datafree import DataFreeResult, quantize_datafree, weight_spec
+from slimline.compress.quant.fold import fold_conv_bn_weights
 
 __all__ = [
     "UDFCResult",
@@ -233,17 +233,17 @@ def udfc_compress(
     """Prune ``prune_ratio`` of every site's channels and quantize to ``weight_bits``, in place,
     repairing both in the next layer (module docstring). ``weight_bits=None``: prune only
     (float model, BatchNorms kept); otherwise the model ends BN-folded with the
-    :class:`~compress.quant.state.QuantState` of :func:`quantize_datafree` attached
+    :class:`~slimline.compress.quant.state.QuantState` of :func:`quantize_datafree` attached
     (activation ranges from BN statistics, 8 bits). ``masks`` (keep-masks by parameter name)
     are sliced along with the weights. ``mean_correction`` (off: not in the paper) also
     restores each consumer's mean input from BN statistics
-    (:func:`~compress.prune.datafree_sites.compensate_mean`). ``mean_preserving`` (off: not in
+    (:func:`~slimline.compress.prune.datafree_sites.compensate_mean`). ``mean_preserving`` (off: not in
     the paper) constrains each ``s`` row to keep the pruned channel's mean output, the BN
     statistics' clipped-normal ``E[a]`` (:func:`pruning_scales` with ``means``).
 
     Decisions the paper leaves open:
 
-    * **Which channels.** Only :class:`~compress.prune.datafree_sites.PruneSite` channels: read
+    * **Which channels.** Only :class:`~slimline.compress.prune.datafree_sites.PruneSite` channels: read
       by exactly one next layer. In a ResNet that is each BasicBlock's ``conv1`` (absorbed by
       ``conv2``); channels tied to a residual add have several readers and stay.
     * **Depthwise.** A MobileNetV2 block prunes its hidden channels from the expand conv and the
@@ -251,7 +251,7 @@ def udfc_compress(
       expand + depthwise kernel). For quantization a depthwise conv *can* absorb ``s~``: its
       channel ``m`` reads only input channel ``m``.
     * **Which of them.** Each site's ``prune_ratio`` smallest-norm filters, ranked on the model
-      as given before any repair (:func:`~compress.prune.neuron_merging.select_site_channels`),
+      as given before any repair (:func:`~slimline.compress.prune.neuron_merging.select_site_channels`),
       so plain pruning, Neuron Merging and UDFC remove the same channels.
     * **Order.** Layers are processed in forward order, each one after its input side was
       repaired, pruning before quantizing: ``W_{l+1}[:, i] = s~_i (W_{l+1}[:, i] + sum_j s_ji

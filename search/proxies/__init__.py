@@ -1,6 +1,6 @@
 """Zero-cost (training-free) proxies behind one interface (issue #7).
 
->>> from search.proxies import ProxyInputs, score_architecture, list_proxies
+>>> from slimline.search.proxies import ProxyInputs, score_architecture, list_proxies
 >>> scores = score_architecture(lambda: space.build_model(arch), ["naswot", "synflow"], inputs)
 
 Every proxy scores an untrained model from one fixed mini-batch, higher = better:
@@ -18,8 +18,8 @@ Every proxy scores an untrained model from one fixed mini-batch, higher = better
 scoring one that is not raises :class:`ProxyError` naming the proxy and the reason.
 """
 
-from search.proxies import activation, baseline, gradient, teacher, transformer  # noqa: F401
-from search.proxies.base import (
+from slimline.search.proxies import activation, baseline, gradient, teacher, transformer  # noqa: F401
+from slimline.search.proxies.base import (
     Proxy,
     ProxyError,
     ProxyInputs,

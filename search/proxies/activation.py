@@ -1,7 +1,7 @@
 """Activation-based proxies: NASWOT, Zen-NAS and the RNN hidden-state covariance.
 
 They read what the untrained network computes on the mini-batch (taps from
-:mod:`search.features`), not its weight gradients.
+:mod:`slimline.search.features`), not its weight gradients.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
-from search.features import find_global_pool, find_recurrent, relu_modules, tap
-from search.proxies.base import Proxy, ProxyInputs, correlation_eigen_score, register_proxy
+from slimline.search.features import find_global_pool, find_recurrent, relu_modules, tap
+from slimline.search.proxies.base import Proxy, ProxyInputs, correlation_eigen_score, register_proxy
 
 __all__ = ["HiddenCov", "Naswot", "Zen", "naswot_kernel_logdet", "zen_score"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from compress.prune.flops import count_flops, count_params
-from search.proxies.base import Proxy, ProxyInputs, register_proxy
+from slimline.compress.prune.flops import count_flops, count_params
+from slimline.search.proxies.base import Proxy, ProxyInputs, register_proxy
 
 __all__ = ["Flops", "Params"]
 
@@ -23,7 +23,7 @@ class Params(Proxy):
 
 @register_proxy
 class Flops(Proxy):
-    """FLOPs of one sample's forward pass (2 per multiply-accumulate, :mod:`compress.prune.flops`)."""
+    """FLOPs of one sample's forward pass (2 per multiply-accumulate, :mod:`slimline.compress.prune.flops`)."""
 
     name = "flops"
 

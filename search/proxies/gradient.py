@@ -2,7 +2,7 @@
 Lightweight NAS") and the Jacobian covariance of Mellor et al. (2020, v1).
 
 All use the fixed mini-batch, the cross-entropy loss ``L`` and the weights of Conv/Linear
-layers (plus RNN weight matrices; :func:`~search.proxies.base.scored_weights`), with the model
+layers (plus RNN weight matrices; :func:`~slimline.search.proxies.base.scored_weights`), with the model
 in train mode (BatchNorm uses batch statistics) except synflow, which is data-free.
 """
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from search.proxies.base import (
+from slimline.search.proxies.base import (
     Proxy,
     ProxyInputs,
     correlation_eigen_score,

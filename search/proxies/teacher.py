@@ -1,7 +1,7 @@
 """DisWOT proxies (Dong et al., CVPR 2023): how similar an untrained student's sample relations
 and class activations are to a trained teacher's, on the same mini-batch. ``needs_teacher``.
 
-The math lives in :mod:`search.diswot` (shared with the distillation losses). The student is
+The math lives in :mod:`slimline.search.diswot` (shared with the distillation losses). The student is
 scored at its random initialisation in train mode (batch-statistics BatchNorm); the teacher runs
 in eval mode with its trained statistics, and its train/eval flags are restored.
 """
@@ -14,9 +14,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from search.diswot import class_activation_matrix, relation_distance, semantic_distance
-from search.features import Taps, find_classifier, find_global_pool, tap
-from search.proxies.base import Proxy, ProxyInputs, register_proxy
+from slimline.search.diswot import class_activation_matrix, relation_distance, semantic_distance
+from slimline.search.features import Taps, find_classifier, find_global_pool, tap
+from slimline.search.proxies.base import Proxy, ProxyInputs, register_proxy
 
 __all__ = ["DiswotRelation", "DiswotSemantic"]
 
@@ -74,7 +74,7 @@ class DiswotRelation(_DiswotProxy):
 class DiswotSemantic(_DiswotProxy):
     """``-||R_t - R_s||_F^2 / K^2`` between the class relations of the students' and teacher's
     Grad-CAM class activation matrices, the cross-entropy gradient of the classifier weight
-    (DisWOT's semantic similarity, class-wise form; see :mod:`search.diswot`). Higher = better."""
+    (DisWOT's semantic similarity, class-wise form; see :mod:`slimline.search.diswot`). Higher = better."""
 
     name = "diswot_semantic"
 

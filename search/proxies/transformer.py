@@ -2,7 +2,7 @@
 "Training-free Transformer Architecture Search", TF-TAS): attention confidence, synaptic
 diversity (attention weights) and synaptic saliency (MLP weights).
 
-They apply to models with the zoo's attention layout (:func:`search.features.attention_modules`,
+They apply to models with the zoo's attention layout (:func:`slimline.search.features.attention_modules`,
 e.g. the zoo ``vit``). Gradients are of the cross-entropy loss on the mini-batch, train mode.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from search.features import attention_modules, find_classifier, tap
-from search.proxies.base import Proxy, ProxyInputs, cross_entropy_backward, register_proxy
+from slimline.search.features import attention_modules, find_classifier, tap
+from slimline.search.proxies.base import Proxy, ProxyInputs, cross_entropy_backward, register_proxy
 
 __all__ = ["AttentionConfidence", "SynapticDiversity", "SynapticSaliency", "head_confidence"]
 

@@ -1,5 +1,5 @@
 """ResNet-style net with per-stage width, depth and kernel size: the family of the CNN search
-space in :mod:`search.space`.
+space in :mod:`slimline.search.space`.
 
 The network is ``stem -> stages -> head`` and nothing else, and each part is its own module
 (:class:`FlexStem`, :class:`FlexBlock`, :class:`FlexHead`) that can be built alone, so a

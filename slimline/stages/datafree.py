@@ -211,8 +211,8 @@ def _quant_metrics(result: Any, p: DataFreeQuantParams, method: str) -> dict[str
 def _quantize(
     ctx: StageContext, inputs: list[Artifact], p: DataFreeQuantParams, *, method: str, **dfq: bool
 ) -> Artifact:
-    from compress.quant.bn_statistics import DataFreeRangeError
-    from compress.quant.datafree import quantize_datafree
+    from slimline.compress.quant.bn_statistics import DataFreeRangeError
+    from slimline.compress.quant.datafree import quantize_datafree
 
     _float_input(ctx, inputs[0])
     out = inputs[0].derive(copy_model=True)
@@ -248,7 +248,7 @@ def quant_dfq(ctx: StageContext, inputs: list[Artifact], p: DFQParams) -> Artifa
 
 
 def _pruning_metrics(result: Any, out: Artifact, before: int) -> dict[str, Any]:
-    from compress.prune.structured import layer_widths
+    from slimline.compress.prune.structured import layer_widths
 
     total = sum(t.numel() for t in out.model.parameters())
     return {
@@ -272,9 +272,9 @@ def _prune(
     compensation: Literal["merge", "none"],
     **merge: float,
 ) -> Artifact:
-    from compress.prune.channel_groups import StructuredPruningError
-    from compress.prune.layer_chains import LayerChainError
-    from compress.prune.neuron_merging import prune_sites
+    from slimline.compress.prune.channel_groups import StructuredPruningError
+    from slimline.compress.prune.layer_chains import LayerChainError
+    from slimline.compress.prune.neuron_merging import prune_sites
 
     _float_input(ctx, inputs[0])
     out = inputs[0].derive(copy_model=True)
@@ -338,10 +338,10 @@ def prune_neuron_merging(
 @data_free
 def compress_udfc(ctx: StageContext, inputs: list[Artifact], p: UDFCParams) -> Artifact:
     """UDFC (Bai 2023): joint channel pruning + weight quantization, repaired in closed form."""
-    from compress.prune.channel_groups import StructuredPruningError
-    from compress.prune.layer_chains import LayerChainError
-    from compress.quant.bn_statistics import DataFreeRangeError
-    from compress.quant.udfc import udfc_compress
+    from slimline.compress.prune.channel_groups import StructuredPruningError
+    from slimline.compress.prune.layer_chains import LayerChainError
+    from slimline.compress.quant.bn_statistics import DataFreeRangeError
+    from slimline.compress.quant.udfc import udfc_compress
 
     _float_input(ctx, inputs[0])
     out = inputs[0].derive(copy_model=True)

@@ -1,7 +1,7 @@
 """``distill``: train the input model (the student) toward a teacher stage's model.
 
 The teacher is any finished stage named by ``teacher`` (e.g. the trained model before it was
-pruned or shrunk); its weights stay frozen. Losses are :mod:`search.distill`'s, by name. FitNets
+pruned or shrunk); its weights stay frozen. Losses are :mod:`slimline.search.distill`'s, by name. FitNets
 regressors train with the student and are dropped afterwards: the artifact holds the plain
 student. Runs unchanged under ``torchrun`` (:func:`slimline.training.fit` shards the batches;
 batch-level terms such as DIST's intra-class relation and the Sinkhorn plan are then computed
@@ -16,10 +16,10 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from search.distill import DistillConfig, LossName, make_distill_loss
 from slimline.artifact import Artifact
 from slimline.evaluation import accuracy, predict
 from slimline.params import ParamError, param
+from slimline.search.distill import DistillConfig, LossName, make_distill_loss
 from slimline.stage import StageContext, register_stage
 from slimline.training import TrainingDiverged, TrainParams, fit
 

@@ -55,7 +55,7 @@ class ExportParams:
 @register_stage("export.onnx", ExportParams)
 def export_onnx_stage(ctx: StageContext, inputs: list[Artifact], p: ExportParams) -> Artifact:
     """Export fp32 or int8 QDQ ONNX (opset >= 17, dynamic batch) and enforce parity."""
-    from export import ExportError, check_parity, export_onnx, graph_summary
+    from slimline.export import ExportError, check_parity, export_onnx, graph_summary
 
     out = inputs[0].derive()
     path = ctx.work_dir / p.filename
@@ -112,9 +112,14 @@ def export_onnx_stage(ctx: StageContext, inputs: list[Artifact], p: ExportParams
 
 def _export_int8(ctx: StageContext, out: Artifact, path: Path, p: ExportParams) -> dict[str, Any]:
     """Write the int8 QDQ file; the int8-specific metrics."""
-    from compress.quant import QDQExportError, attach_quantization, export_qdq_onnx
-    from compress.quant.state import quantization_of
-    from export.qdq import FLOAT_KERNEL_OPS, INT8_KERNEL_OPS, ort_optimized_op_counts, qdq_summary
+    from slimline.compress.quant import QDQExportError, attach_quantization, export_qdq_onnx
+    from slimline.compress.quant.state import quantization_of
+    from slimline.export.qdq import (
+        FLOAT_KERNEL_OPS,
+        INT8_KERNEL_OPS,
+        ort_optimized_op_counts,
+        qdq_summary,
+    )
 
     state = out.state.get("quantization")
     if state is None:

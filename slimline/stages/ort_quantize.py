@@ -59,8 +59,8 @@ def ort_quantize_stage(ctx: StageContext, inputs: list[Artifact], p: OrtQuantize
             f"needs an fp32 ONNX file, but its input (stage {producer!r}) has none: "
             "put an export.onnx stage in its 'needs'"
         )
-    from export.graph import OnnxFileError, graph_summary
-    from export.ort_quant import QuantizationError, compare_onnx_models, ort_quantize
+    from slimline.export.graph import OnnxFileError, graph_summary
+    from slimline.export.ort_quant import QuantizationError, compare_onnx_models, ort_quantize
 
     calibration = None
     if p.mode == "static":

@@ -38,7 +38,7 @@ def profile_latency(ctx: StageContext, inputs: list[Artifact], p: ProfileParams)
     onnx_path = inputs[0].files.get("onnx")
     if onnx_path is None:
         raise ctx.fail("needs an exported model: put an export.onnx stage in its 'needs'")
-    from export.latency import profile_onnx
+    from slimline.export.latency import profile_onnx
 
     out = inputs[0].derive()
     with warnings.catch_warnings(record=True) as caught:

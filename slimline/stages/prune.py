@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from compress.prune import layer_sparsity, magnitude_masks, prunable_weights
-from compress.prune.magnitude import apply_masks
 from slimline.artifact import Artifact
+from slimline.compress.prune import layer_sparsity, magnitude_masks, prunable_weights
+from slimline.compress.prune.magnitude import apply_masks
 from slimline.params import check_range, check_regex, param
 from slimline.stage import StageContext, register_stage
 

@@ -1,7 +1,7 @@
 """``prune.channels``: structured pruning that physically removes channels and attention heads.
 
 With ``target: latency`` the budget is onnxruntime latency predicted by a per-layer table
-(:mod:`compress.prune.layer_latency`): loaded from ``latency_table`` (e.g. measured on the target
+(:mod:`slimline.compress.prune.layer_latency`): loaded from ``latency_table`` (e.g. measured on the target
 device) or measured here and saved as ``layer_latency.json`` in the stage's folder. After pruning
 the whole pruned model is timed once more so the metrics show how well the table predicted it.
 """
@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from compress.prune.channel_importance import ChannelMagnitudeImportance
-from compress.prune.structured import ChannelPruningResult, StructuredPruningError, prune_channels
 from slimline.artifact import Artifact
+from slimline.compress.prune.channel_importance import ChannelMagnitudeImportance
+from slimline.compress.prune.structured import (
+    ChannelPruningResult,
+    StructuredPruningError,
+    prune_channels,
+)
 from slimline.io import atomic_path
 from slimline.params import ParamError, check_range, param
 from slimline.stage import StageContext, register_stage
@@ -158,7 +162,7 @@ def prune_channels_stage(
 def _latency_table(ctx: StageContext, out: Artifact, p: ChannelPruneParams) -> Any:
     """The given table, or one measured now and cached as ``layer_latency.json`` (reused if the
     stage folder already has one for this model)."""
-    from export.layer_lut import LayerLatencyTable, LutError
+    from slimline.export.layer_lut import LayerLatencyTable, LutError
 
     if p.latency_table is not None:
         try:
@@ -167,7 +171,7 @@ def _latency_table(ctx: StageContext, out: Artifact, p: ChannelPruneParams) -> A
             raise ctx.fail(f"latency_table {p.latency_table!r} does not exist") from None
         except LutError as exc:
             raise ctx.fail(str(exc)) from None
-    from compress.prune.layer_latency import build_layer_latency_table, model_layer_widths
+    from slimline.compress.prune.layer_latency import build_layer_latency_table, model_layer_widths
 
     path = ctx.work_dir / "layer_latency.json"
     if path.is_file():
@@ -201,7 +205,7 @@ def _latency_check(
     ctx: StageContext, out: Artifact, result: ChannelPruningResult, p: ChannelPruneParams
 ) -> dict[str, Any]:
     """Predicted latency before/after, and the pruned model measured against the prediction."""
-    from compress.prune.layer_latency import measure_model_latency
+    from slimline.compress.prune.layer_latency import measure_model_latency
 
     measured = measure_model_latency(out.model, out.example_input(1), runs=p.latency_runs)
     predicted = float(result.latency_after_ms or 0.0)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from compress.prune.magnitude import apply_masks, layer_sparsity
-from compress.prune.nm import NMError, nm_masks
 from slimline.artifact import Artifact
+from slimline.compress.prune.magnitude import apply_masks, layer_sparsity
+from slimline.compress.prune.nm import NMError, nm_masks
 from slimline.params import ParamError, check_regex, param
 from slimline.stage import StageContext, register_stage
 

@@ -13,13 +13,13 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from compress.prune.magnitude import apply_masks, layer_sparsity
-from compress.prune.pdp import PDPPruner
-from search.distill import distillation_loss_fn
 from slimline.artifact import Artifact
+from slimline.compress.prune.magnitude import apply_masks, layer_sparsity
+from slimline.compress.prune.pdp import PDPPruner
 from slimline.data import Dataset
 from slimline.params import ParamError, check_range, check_regex, param
 from slimline.progress import Progress
+from slimline.search.distill import distillation_loss_fn
 from slimline.stage import StageContext, register_stage
 from slimline.training import TrainingDiverged, TrainParams, fit
 
@@ -50,7 +50,7 @@ class PDPParams:
     exclude: str | None = param(None, help="regex: keep weights whose name matches dense")
     distill: bool = param(False, help="distill from the input (unpruned) model (Hinton KD)")
     distill_loss: Literal["kd", "dist", "sinkhorn"] = param(
-        "kd", help="distillation term: Hinton KD, DIST relations or Sinkhorn OT (search.distill)"
+        "kd", help="distillation term: Hinton KD, DIST relations or Sinkhorn OT (slimline.search.distill)"
     )
     temperature: float = param(4.0, help="distillation temperature T")
     alpha: float = param(0.5, help="weight of the distillation term (1 - alpha: labels)")

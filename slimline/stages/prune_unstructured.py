@@ -10,15 +10,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from compress.prune import layer_sparsity, prunable_weights
-from compress.prune.allocation import (
+from slimline.artifact import Artifact
+from slimline.compress.prune import layer_sparsity, prunable_weights
+from slimline.compress.prune.allocation import (
     keep_budget,
     masks_from_counts,
     threshold_allocation,
     uniform_allocation,
 )
-from compress.prune.distortion import additivity, output_distortion
-from compress.prune.importance import (
+from slimline.compress.prune.distortion import additivity, output_distortion
+from slimline.compress.prune.importance import (
     VIT_MODULES,
     DIMAPImportance,
     LAMPImportance,
@@ -27,10 +28,9 @@ from compress.prune.importance import (
     assign_modules,
     check_finite,
 )
-from compress.prune.inputs import bn_matched_inputs, has_batch_norm, random_inputs
-from compress.prune.magnitude import apply_masks
-from compress.prune.rate_distortion import rd_allocation
-from slimline.artifact import Artifact
+from slimline.compress.prune.inputs import bn_matched_inputs, has_batch_norm, random_inputs
+from slimline.compress.prune.magnitude import apply_masks
+from slimline.compress.prune.rate_distortion import rd_allocation
 from slimline.evaluation import predict
 from slimline.io import atomic_path, write_json
 from slimline.params import ParamError, check_range, check_regex, param

@@ -44,7 +44,7 @@ class RTNParams:
 @register_stage("quant.rtn", RTNParams)
 def quant_rtn(ctx: StageContext, inputs: list[Artifact], p: RTNParams) -> Artifact:
     """Round-to-nearest per-channel weights + min/max activation calibration (BN folded)."""
-    from compress.quant import quantize_rtn
+    from slimline.compress.quant import quantize_rtn
 
     source = inputs[0]
     if "quantization" in source.state:

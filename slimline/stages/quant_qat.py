@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 import torch.nn as nn
 
-from compress.quant.qat import QATConfig, QATController
-from search.distill import distillation_loss_fn
 from slimline.artifact import Artifact
+from slimline.compress.quant.qat import QATConfig, QATController
 from slimline.data import Dataset
 from slimline.params import ParamError, check_range, param
 from slimline.progress import Progress
+from slimline.search.distill import distillation_loss_fn
 from slimline.stage import StageContext, register_stage
 from slimline.training import TrainingDiverged, TrainParams, fit, world
 
@@ -55,7 +55,7 @@ class QATParams:
     )
     distill: bool = param(False, help="distill from the input (float) model (Hinton KD)")
     distill_loss: Literal["kd", "dist", "sinkhorn"] = param(
-        "kd", help="distillation term: Hinton KD, DIST relations or Sinkhorn OT (search.distill)"
+        "kd", help="distillation term: Hinton KD, DIST relations or Sinkhorn OT (slimline.search.distill)"
     )
     temperature: float = param(4.0, help="distillation temperature T")
     alpha: float = param(0.5, help="weight of the distillation term (1 - alpha: labels)")

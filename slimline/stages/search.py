@@ -43,7 +43,7 @@ class NasParams:
     proxies: list[str] = param(
         DEFAULT_PROXIES, help="proxies computed for every candidate (robot combines these)")
     latency: Literal["table", "measure", "none"] = param(
-        "table", help="second objective: table (block lookup table of export.lut, CNN spaces; "
+        "table", help="second objective: table (block lookup table of slimline.export.lut, CNN spaces; "
         "measured here once unless latency_table is given), measure (export + onnxruntime per "
         "candidate), none (single objective)")
     latency_table: str | None = param(None, help="block lookup table JSON from "
@@ -84,7 +84,7 @@ class NasParams:
 
 
 def load_search_space(reference: str | dict[str, Any]) -> Any:
-    from search.space import default_space, load_space, space_from_dict
+    from slimline.search.space import default_space, load_space, space_from_dict
 
     if isinstance(reference, dict):
         try:
@@ -113,7 +113,7 @@ class SearchSetup:
     directions: list[str]
 
     def objective(self):
-        from search.nas import study_objective
+        from slimline.search.nas import study_objective
 
         return study_objective(self.space, self.evaluator, self.params.accuracy_proxy,
                                minimise_latency=len(self.directions) == 2, limits=self.limits)
@@ -121,7 +121,7 @@ class SearchSetup:
     def sampler(self, seed: int):
         import optuna
 
-        from search.nas import trial_constraints
+        from slimline.search.nas import trial_constraints
 
         kinds = {"nsga2": optuna.samplers.NSGAIISampler, "tpe": optuna.samplers.TPESampler}
         if self.params.strategy == "random":
@@ -134,8 +134,8 @@ def prepare_search(p: NasParams, data: Any, teacher: Artifact | None, *, seed: i
     """Space, proxy inputs (one fixed training mini-batch), latency model and limits."""
     import torch
 
-    from search.nas import CandidateEvaluator, Limits, MeasuredLatency, TableLatency
-    from search.proxies import ProxyInputs
+    from slimline.search.nas import CandidateEvaluator, Limits, MeasuredLatency, TableLatency
+    from slimline.search.proxies import ProxyInputs
 
     space = load_search_space(p.space)
     x, y = data.split("train")
@@ -170,8 +170,8 @@ def prepare_search(p: NasParams, data: Any, teacher: Artifact | None, *, seed: i
 
 
 def _latency_table(p: NasParams, space: Any, work_dir: Path, log) -> Any:
-    from export.lut import LatencyTable, measure_lut
-    from export.lut_blocks import export_space_blocks
+    from slimline.export.lut import LatencyTable, measure_lut
+    from slimline.export.lut_blocks import export_space_blocks
 
     if not hasattr(space, "distinct_blocks"):
         raise ParamError("latency", f"space {space.name!r} has no block decomposition for a "
@@ -190,14 +190,14 @@ def _latency_table(p: NasParams, space: Any, work_dir: Path, log) -> Any:
 def search_nas(ctx: StageContext, inputs: list[Artifact], p: NasParams) -> Artifact:
     import optuna
 
-    from search.report import summarise_search
+    from slimline.search.report import summarise_search
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar says enough
     teacher = inputs[0]
     setup = prepare_search(p, ctx.data, teacher, seed=ctx.seed, work_dir=ctx.work_dir,
                            log=ctx.log)
     if p.strategy == "robot":
-        from search.nas_robot import run_robot
+        from slimline.search.nas_robot import run_robot
 
         candidates, chosen, extra = run_robot(setup, ctx)
     else:
@@ -230,8 +230,8 @@ def search_nas(ctx: StageContext, inputs: list[Artifact], p: NasParams) -> Artif
 
 
 def _run_study(setup: SearchSetup, ctx: StageContext):
-    from search.nas import Candidate
-    from search.study import completed_trials, open_study, run_worker, wait_for_study
+    from slimline.search.nas import Candidate
+    from slimline.search.study import completed_trials, open_study, run_worker, wait_for_study
 
     p = setup.params
     study = open_study(p.storage, study_name(ctx.stage_id, ctx.cache_key),
@@ -264,7 +264,7 @@ def _fmt_ms(value: float | None) -> str:
 def _arch_from_dict(space: Any, data: dict) -> Any:
     if hasattr(space, "architecture_from_dict"):
         return space.architecture_from_dict(data)
-    from search.space import Architecture
+    from slimline.search.space import Architecture
 
     return Architecture.from_dict(data)
 

@@ -1,12 +1,12 @@
 """Quantization-aware training: LSQ and StatsQ weight quantizers, LSQ activations, oscillation
 tracking (Nagel et al., 2022) and the OFQ techniques CGA and QKR (Liu et al., ICML 2023)."""
 
-from compress.quant.qat.cga import FrozenWeights, boundary_distance, confident_mask
-from compress.quant.qat.lsq import LSQQuantizer, lsq_quantize
-from compress.quant.qat.model import QATConfig, QATController
-from compress.quant.qat.oscillation import OscillationTracker
-from compress.quant.qat.qkr import merged_query_key, qkr_attention
-from compress.quant.qat.statsq import (
+from slimline.compress.quant.qat.cga import FrozenWeights, boundary_distance, confident_mask
+from slimline.compress.quant.qat.lsq import LSQQuantizer, lsq_quantize
+from slimline.compress.quant.qat.model import QATConfig, QATController
+from slimline.compress.quant.qat.oscillation import OscillationTracker
+from slimline.compress.quant.qat.qkr import merged_query_key, qkr_attention
+from slimline.compress.quant.qat.statsq import (
     StatsQQuantizer,
     statsq_integer_levels,
     statsq_quantize,

@@ -2,7 +2,7 @@
 the inputs of quantized layers, QKR on attention, oscillation tracking and CGA freezing.
 
 Everything it adds is removed by :meth:`QATController.finish`, which leaves the plain
-architecture with weights on their grids and the :class:`~compress.quant.state.QuantState`
+architecture with weights on their grids and the :class:`~slimline.compress.quant.state.QuantState`
 attached (so artifacts save and the int8 exporter reads it like any other quantizer's).
 """
 
@@ -17,13 +17,13 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from compress.quant.qat.cga import FrozenWeights, confident_mask
-from compress.quant.qat.lsq import LSQQuantizer
-from compress.quant.qat.oscillation import OscillationTracker
-from compress.quant.qat.qkr import merged_query_key, qkr_attention
-from compress.quant.qat.statsq import StatsQQuantizer, statsq_scale, statsq_spec
-from compress.quant.spec import QuantSpec
-from compress.quant.state import QuantState, TensorPoint, attach_quantization
+from slimline.compress.quant.qat.cga import FrozenWeights, confident_mask
+from slimline.compress.quant.qat.lsq import LSQQuantizer
+from slimline.compress.quant.qat.oscillation import OscillationTracker
+from slimline.compress.quant.qat.qkr import merged_query_key, qkr_attention
+from slimline.compress.quant.qat.statsq import StatsQQuantizer, statsq_scale, statsq_spec
+from slimline.compress.quant.spec import QuantSpec
+from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
 
 __all__ = ["QATConfig", "QATController"]
 
@@ -181,7 +181,7 @@ class QATController:
         """Remove the training machinery, put weights on their grids, attach the state.
 
         Exported grids: StatsQ as ``scale = s/(2n)``, odd integers (see
-        :mod:`compress.quant.qat.statsq`); LSQ as its learned step, integers in
+        :mod:`slimline.compress.quant.qat.statsq`); LSQ as its learned step, integers in
         ``[-2^(b-1), 2^(b-1)-1]``; activations as signed per-tensor LSQ steps at each quantized
         layer's input. With QKR the q/k Linears stay float (their quantized product has rank up
         to D, not head_dim, so it cannot be split back into W_q, W_k); their input gets the

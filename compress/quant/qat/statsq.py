@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from compress.quant.spec import QuantSpec
+from slimline.compress.quant.spec import QuantSpec
 
 __all__ = [
     "StatsQQuantizer",
