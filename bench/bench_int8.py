@@ -1,7 +1,14 @@
-"""Our int8 QDQ export vs fp32 and vs onnxruntime's own static int8 quantization.
+"""Our int8 QDQ export vs fp32 and vs onnxruntime's own static int8 quantization, per target.
 
     python -m bench.bench_int8                    # all configurations
-    python -m bench.bench_int8 --configs resnet-8x8,vit-8x8
+    python -m bench.bench_int8 --configs resnet-8x8,vit-32x32
+
+Every figure is for the CPU running the benchmark; its model and ISA flags are in the output
+(``machine``), and the int8 files are quantized for it (recipe ``target: auto``, see
+:mod:`slimline.export.target`). Two more files show what the target choice is worth here: ours
+quantized for full-range ``x86-vnni`` weights and onnxruntime's static int8 without
+``reduce_range``; on a CPU without VNNI both are computed wrongly (their accuracy column shows
+by how much), on a VNNI CPU they equal the others.
 
 For each configuration the pipeline trains the model (``train`` stage), quantizes it
 (``quant.rtn``: int8 per-channel weights, uint8 min/max activations, BN folded) and exports
@@ -15,8 +22,10 @@ fp32 and int8 QDQ ONNX (``export.onnx``); run directories are cached under
 * paired ratios: the three models' runs interleaved one by one, median of per-run ratios
   (robust to the load drifting between the rounds above);
 * accuracy on the test split, run by onnxruntime (fp32, ours, ORT static);
-* ORT static = :func:`slimline.export.ort_quant.ort_quantize` (QDQ, per-channel, uint8/int8, min/max)
-  on the same fp32 file with 256 calibration inputs.
+* ORT static = :func:`slimline.export.ort_quant.ort_quantize` (QDQ, per-channel, uint8/int8) on
+  the same fp32 file with 256 calibration inputs, with its best settings for this CPU:
+  ``reduce_range`` as this CPU needs, min/max or percentile calibration, whichever scores better
+  on the validation split.
 
 Configurations: the reference settings (digits 8x8: ResNet-8 width 16, ViT dim 64) where one
 inference is far below a millisecond and fixed per-op costs dominate, and larger ones (digits
@@ -38,8 +47,11 @@ import numpy as np
 import slimline
 from bench.common import OUT, markdown_table, save
 from slimline.data import load_dataset
+from slimline.export.int8numerics import exact_on
 from slimline.export.latency import profile_onnx
+from slimline.export.machine import machine_info
 from slimline.export.qdq import FLOAT_KERNEL_OPS, INT8_KERNEL_OPS, ort_optimized_op_counts
+from slimline.export.target import resolve_target
 from slimline.runner import RunResult
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -60,6 +72,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "data": {"name": "digits", "with": {"resize": 32}},
         "epochs": 4,
     },
+    "resnet-w16-32x32": {
+        "model": {"name": "resnet", "with": {"depth": 8, "width": 16}},
+        "data": {"name": "digits", "with": {"resize": 32}},
+        "epochs": 6,
+    },
+    "mobilenetv2-32x32": {
+        "model": {"name": "mobilenetv2"},
+        "data": {"name": "digits", "with": {"resize": 32}},
+        "epochs": 10,
+    },
     "vit-8x8": {"model": {"name": "vit"}, "data": {"name": "digits"}, "epochs": 40},
     "vit-32x32": {
         "model": {"name": "vit", "with": {"patch_size": 4}},
@@ -68,13 +90,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 BATCHES = (1, 32)
+HERE = resolve_target("auto")
 ROUNDS = 5
 
 
-def pipeline(name: str, config: dict[str, Any]) -> RunResult:
+def pipeline(name: str, config: dict[str, Any], target: str = "auto") -> RunResult:
     recipe = {
         "name": f"int8-{name}",
         "seed": 0,
+        "target": target,
         "model": config["model"],
         "data": config["data"],
         "stages": [
@@ -92,36 +116,27 @@ def pipeline(name: str, config: dict[str, Any]) -> RunResult:
     return slimline.run(recipe, run_dir=OUT / "int8_runs" / name, progress=False)
 
 
-def ort_static(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
-    try:
-        from slimline.export.ort_quant import ort_quantize
-    except ImportError:  # before export/ort_quant.py existed: the plain onnxruntime call
-        return _quantize_static(fp32, out, calibration)
-    return ort_quantize(fp32, out, calibration=calibration, mode="static", per_channel=True)
+def ort_static(fp32: Path, out: Path, calibration: np.ndarray, *, reduce_range: bool,
+               method: str = "minmax") -> Path:
+    from slimline.export.ort_quant import ort_quantize
+
+    return ort_quantize(fp32, out, calibration=calibration, mode="static", per_channel=True,
+                        reduce_range=reduce_range, calibrate_method=method)  # type: ignore[arg-type]
 
 
-def _quantize_static(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
-    from onnxruntime import quantization as q
-
-    class Reader(q.CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(
-                [{"input": calibration[i : i + 32]} for i in range(0, len(calibration), 32)]
-            )
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    q.quantize_static(
-        str(fp32),
-        str(out),
-        Reader(),
-        quant_format=q.QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=q.QuantType.QUInt8,
-        weight_type=q.QuantType.QInt8,
-    )
-    return out
+def ort_best(fp32: Path, folder: Path, calibration: np.ndarray, val: tuple[np.ndarray, np.ndarray]
+             ) -> tuple[Path, dict[str, Any]]:
+    """onnxruntime's static int8 with the best settings for this CPU: reduce_range when it lacks
+    VNNI, and the calibration method that scores better on the validation split."""
+    reduce_range = HERE.scheme.reduce_range
+    scored = {}
+    for method in ("minmax", "percentile"):
+        path = ort_static(fp32, folder / f"ort_static_{method}.onnx", calibration,
+                          reduce_range=reduce_range, method=method)
+        scored[method] = (accuracy(path, *val), path)
+    method = max(scored, key=lambda m: scored[m][0])
+    return scored[method][1], {"reduce_range": reduce_range, "calibrate_method": method,
+                               "val_accuracy": {m: a for m, (a, _) in scored.items()}}
 
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
@@ -192,6 +207,7 @@ def paired(paths: dict[str, Path], runs: int) -> dict[str, Any]:
 
 def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
     result = pipeline(name, config)
+    full_range = pipeline(name, config, target="x86-vnni")  # training is cached
     directory = result.record("export_int8").directory
     paths = {
         "fp32": result.record("export_fp32").directory / "model.onnx",
@@ -199,10 +215,17 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
     }
     data = load_dataset(config["data"]["name"], **copy.deepcopy(config["data"].get("with", {})))
     calibration = data.calibration(256).numpy()
-    paths["ort"] = ort_static(
-        paths["fp32"], OUT / "int8_runs" / name / "ort_static.onnx", calibration
-    )
+    folder = OUT / "int8_runs" / name
+    val = tuple(t.numpy() for t in data.split("val"))
+    paths["ort"], ort_settings = ort_best(paths["fp32"], folder, calibration, val)
     x, y = (t.numpy() for t in data.split("test"))
+    # What the target choice is worth on this CPU: full-range files, run by its kernels.
+    wrong = {
+        "ours_full_range": full_range.record("export_int8").directory / "model.onnx",
+        "ort_no_reduce_range": ort_static(paths["fp32"], folder / "ort_full_range.onnx",
+                                          calibration, reduce_range=False,
+                                          method=ort_settings["calibrate_method"]),
+    }
     heavy = "32x32" in name  # tens of ms per batch-32 run: fewer runs
     times = latency(paths, runs=40 if heavy else 500)
     pairs = paired(paths, runs=60 if heavy else 2000)
@@ -216,9 +239,13 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
     export = result.record("export_int8").metrics
     return {
         "config": config,
+        "target": HERE.name,
+        "weight_bits_used": result.record("quant").metrics["weight_bits_used"],
+        "ort_settings": ort_settings,
         "latency_ms": times,
         "paired": pairs,
-        "accuracy": {key: accuracy(path, x, y) for key, path in paths.items()},
+        "accuracy": {key: accuracy(path, x, y) for key, path in {**paths, **wrong}.items()},
+        "exact_here": {key: exact_on(path) for key, path in {**paths, **wrong}.items()},
         "bytes": {key: path.stat().st_size for key, path in paths.items()},
         "kernels": kernels,
         "ours_vs_torch": {
@@ -231,7 +258,7 @@ def measure(name: str, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def tables(results: dict[str, dict[str, Any]]) -> str:
-    speed_rows, accuracy_rows = [], []
+    speed_rows, accuracy_rows, target_rows = [], [], []
     for name, r in results.items():
         t = r["latency_ms"]
         for b in BATCHES:
@@ -267,8 +294,24 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
                 unfused,
             ]
         )
+        target_rows.append(
+            [
+                name,
+                f"{100 * (a['ours'] - a['fp32']):+.2f}",
+                f"{100 * (a['ours_full_range'] - a['fp32']):+.2f}",
+                f"{100 * (a['ort'] - a['fp32']):+.2f}",
+                f"{100 * (a['ort_no_reduce_range'] - a['fp32']):+.2f}",
+                "yes" if r["exact_here"]["ours_full_range"] else "no",
+                f"{r['ort_settings']['calibrate_method']}, reduce_range "
+                f"{r['ort_settings']['reduce_range']}",
+            ]
+        )
+    machine = machine_info()
     return "\n\n".join(
         [
+            f"Machine: {machine['cpu']} ({machine['arch']}), ISA flags "
+            f"{', '.join(machine['isa_flags']) or 'none'}; target `{HERE.name}`: "
+            f"{HERE.scheme.reason}.",
             f"## int8 QDQ latency (onnxruntime CPU, 1 thread, median ms, lowest of {ROUNDS} "
             "interleaved rounds; measured under load)\n\nms columns: `profile_onnx`. Paired "
             "columns: median of per-run ratios with the three models' runs interleaved "
@@ -303,6 +346,20 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
                 ],
                 accuracy_rows,
             ),
+            "## What the target choice is worth here (accuracy change vs fp32, points; files run "
+            "by this CPU's fused kernels)",
+            markdown_table(
+                [
+                    "config",
+                    f"ours, target {HERE.name}",
+                    "ours, full-range (x86-vnni)",
+                    "ORT static, best here",
+                    "ORT static, no reduce_range",
+                    "full-range exact here?",
+                    "ORT best settings",
+                ],
+                target_rows,
+            ),
         ]
     )
 
@@ -321,7 +378,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
     results = {name: measure(name, CONFIGS[name]) for name in names}
-    save("int8", {"results": results}, tables(results))
+    save("int8", {"machine": machine_info(), "target": HERE.to_dict(), "results": results},
+         tables(results))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 1. The CPU has no int8 dot-product instructions (x86: AVX512-VNNI / AVX-VNNI / AMX; Arm: the
    dot-product extension ``asimddp`` or ``i8mm``): int8 kernels then widen to int16/int32 and
-   are rarely faster than fp32.
+   are rarely faster than fp32. On x86 they also saturate full-range weights: a file with int8
+   weights beyond +-64 is then computed wrongly (:func:`saturation_warning`; see
+   :mod:`slimline.export.target`).
 2. The file is in QOperator format (``QLinearConv`` ... baked in at quantization time) rather
    than QDQ: the kernels are fixed, and other execution providers cannot re-fuse them.
 3. QDQ nodes that onnxruntime did not fuse: after its graph optimizations a Conv/MatMul/Gemm
@@ -24,6 +26,8 @@ from typing import Any
 import onnxruntime as ort
 
 from .graph import DYNAMIC_QUANT_OPS, QOPERATOR_OPS, GraphSummary, graph_summary, load_model
+from .int8numerics import describe_ranges, file_target, int8_weight_ranges, saturating_weights
+from .target import target_for_machine
 
 __all__ = [
     "Int8Warning",
@@ -31,6 +35,7 @@ __all__ = [
     "UnfusedQdq",
     "int8_warnings",
     "isa_warning",
+    "saturation_warning",
     "unfused_qdq",
 ]
 
@@ -77,10 +82,31 @@ def isa_warning(machine: Mapping[str, Any]) -> str | None:
         f"({' / '.join(wanted)} not in its flags), so int8 kernels are emulated with wider "
         "integer math and are rarely faster than fp32"
         + (
-            " (and U8S8 can overflow with AVX2 alone: quantize with reduce_range)"
-            if "avx2" in flags
+            "; its u8s8 kernels also saturate full-range int8 weights (pairs of products "
+            "overflow int16), so quantize for it: recipe `target: auto` (or "
+            f"`{target_for_machine(machine).name}`), or onnxruntime reduce_range=True"
+            if arch in ("x86_64", "amd64", "i686", "x86")
             else ""
         )
+    )
+
+
+def saturation_warning(path: str | os.PathLike, machine: Mapping[str, Any]) -> str | None:
+    """A warning when this machine's u8s8 kernels would compute the int8 file at ``path``
+    wrongly (full-range weights on a CPU without VNNI), naming the layers, the target the file
+    was made for (its metadata) and the fix; ``None`` when it is computed exactly."""
+    here = target_for_machine(machine)
+    over = saturating_weights(int8_weight_ranges(path), here)
+    if not over:
+        return None
+    made_for = file_target(path)
+    origin = f" (it was exported for {made_for})" if made_for else ""
+    return (
+        f"{Path(path).name}{origin} stores int8 weights beyond +-64 in {len(over)} layers "
+        f"({describe_ranges(over)}), which this CPU's u8s8 kernels ({here.description}) add "
+        "in saturating int16: its results here are WRONG, not just slow. Re-export it for "
+        f"this CPU (recipe `target: {here.name}` or `auto`; onnxruntime reduce_range=True), "
+        "or measure it on the machine it was made for"
     )
 
 
@@ -170,8 +196,12 @@ def int8_warnings(
         return []
     name = Path(path).name
     found = []
+    saturation = saturation_warning(path, machine)
     if (isa := isa_warning(machine)) is not None:
-        found.append(f"{name}: {isa}")
+        exact = " (this file's weights are within that range)" if saturation is None else ""
+        found.append(f"{name}: {isa}{exact}")
+    if saturation is not None:
+        found.append(saturation)
     if summary.quant_format == "qoperator":
         found.append(
             f"{name} is {describe_format(summary)} instead of QDQ: its int8 kernels "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .graph import (
@@ -33,6 +34,7 @@ from .graph import (
     graph_summary,
     load_model,
 )
+from .target import Target, resolve_target
 
 __all__ = [
     "QuantizationError",
@@ -85,9 +87,10 @@ def ort_quantize(
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax",
     op_types: Sequence[str] | None = None,
     exclude_nodes: Sequence[str] = (),
-    reduce_range: bool = False,
+    reduce_range: bool | None = None,
     calibration_batch_size: int = 32,
     preprocess: bool = True,
+    target: Target | str | None = "auto",
 ) -> Path:
     """Quantize the fp32 ONNX model at ``fp32_onnx_path`` to int8 and write it to ``out_path``.
 
@@ -96,7 +99,9 @@ def ort_quantize(
     ``(N, *input_shape)`` for a single-input model, or ``{input name: array}``. ``mode="dynamic"``
     quantizes only weights of ``op_types`` (default MatMul/Gemm/attention/RNN) and needs no
     calibration. ``per_channel`` gives each output channel its own weight scale.
-    ``reduce_range`` uses 7-bit weights, which avoids U8S8 overflow on AVX2 CPUs without VNNI.
+    ``reduce_range`` uses 7-bit weights, which CPUs without VNNI need to compute U8S8 exactly;
+    ``None`` takes it from ``target``, the CPU the file is for (``"auto"``: this one; see
+    :mod:`slimline.export.target`), which is also recorded in the file's metadata.
     ``preprocess`` runs ONNX shape inference and ORT's graph optimizations first, as
     onnxruntime recommends (its symbolic shape inference is skipped: it takes seconds and is
     only needed for shapes plain ONNX inference cannot resolve).
@@ -123,6 +128,10 @@ def ort_quantize(
         feeds = _calibration_feeds(source, summary.inputs, calibration)
 
     from onnxruntime import quantization as q  # imported here: it is slow to import
+
+    resolved = resolve_target(target)
+    if reduce_range is None:
+        reduce_range = resolved.scheme.reduce_range
 
     qtype = {"int8": q.QuantType.QInt8, "uint8": q.QuantType.QUInt8}
     with tempfile.TemporaryDirectory(prefix="slimline-quant-") as tmp, _quiet_quantizer():
@@ -170,7 +179,11 @@ def ort_quantize(
                 f"{source}: onnxruntime {mode} quantization failed: {_first(exc)}"
             ) from exc
         _check_result(source, quantized, mode, feeds)
-        data = quantized.read_bytes()
+        model = load_model(quantized)
+        props = {prop.key: prop.value for prop in model.metadata_props}
+        onnx.helper.set_model_props(model, {**props, "slimline.int8_target": resolved.name,
+                                            "slimline.reduce_range": str(reduce_range)})
+        data = model.SerializeToString()
     return atomic_write_bytes(out, data)
 
 
@@ -181,15 +194,18 @@ def compare_onnx_models(
     labels: np.ndarray | None = None,
     *,
     batch_size: int = 256,
+    int8_reference: bool = False,
 ) -> QuantEvaluation:
     """Run both single-input classifiers on ``inputs`` with onnxruntime and compare the logits.
 
     Sessions use one thread: the numbers must not depend on the machine's load.
+    ``int8_reference`` runs the int8 file without graph optimizations (its QDQ semantics, not
+    this CPU's fused integer kernels): for a file made for another CPU than this one.
     """
     if len(inputs) == 0:
         raise ValueError("compare_onnx_models needs at least one input sample")
     reference = _predict(Path(fp32_path), inputs, batch_size)
-    candidate = _predict(Path(int8_path), inputs, batch_size)
+    candidate = _predict(Path(int8_path), inputs, batch_size, optimize=not int8_reference)
     if reference.shape != candidate.shape:
         raise ValueError(
             f"{int8_path} outputs shape {candidate.shape}, {fp32_path} outputs {reference.shape}"
@@ -364,11 +380,14 @@ class _ArrayReader:
         return max(1, self.count // self.batch_size)
 
 
-def _predict(path: Path, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+def _predict(path: Path, inputs: np.ndarray, batch_size: int, optimize: bool = True
+             ) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
     load_model(path)  # OnnxFileError with a clear message for a non-ONNX file
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:

@@ -58,16 +58,22 @@ def check_parity(
     *,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    optimize: bool = True,
 ) -> ParityResult:
     """Run ``inputs`` through ONNX Runtime (CPU) and through ``model`` (eval, no_grad); compare.
 
     Only the first output of each is compared. A shape mismatch raises :class:`ParityError`
     (there are no numbers to compare); NaNs in either output make ``passed`` False.
+    ``optimize=False`` runs the file without graph optimizations: an int8 QDQ file then executes
+    its QuantizeLinear/DequantizeLinear as written around float ops (its reference semantics)
+    instead of this CPU's fused integer kernels.
     """
     import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings are not actionable here
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(
         str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
     )
@@ -104,9 +110,10 @@ def assert_parity(
     *,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    optimize: bool = True,
 ) -> ParityResult:
     """:func:`check_parity`, raising :class:`ParityError` (with the numbers) when it fails."""
-    result = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol)
+    result = check_parity(model, onnx_path, inputs, atol=atol, rtol=rtol, optimize=optimize)
     if not result.passed:
         raise ParityError(f"{onnx_path}: ONNX output differs from torch: {result}", result)
     return result

@@ -34,7 +34,8 @@ lookup table for hardware-aware search:
   lut uses --runs (default 300 per block), --warmup (default 20), --rounds (default 30),
   --threads, --batch-sizes (one value) and --provider.
 
-exit status: 0 ok, 2 bad usage or input (the reason is one line on stderr)."""
+exit status: 0 ok, 1 --verify-int8 found int8 results this CPU computes wrongly,
+2 bad usage or input (the reason is one line on stderr)."""
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -72,6 +73,18 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     add("--per-op-runs", type=int, default=50, help="profiled runs for --per-op (default: 50)")
     add("--require-qdq", action="store_true", help="exit 2 unless every ONNX model is int8 QDQ")
+    add(
+        "--verify-int8",
+        action="store_true",
+        help="check that this CPU's fused int8 kernels compute each quantized model as its "
+        "QDQ graph says (exit 1 and name the first diverging node if not)",
+    )
+    add(
+        "--inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="real inputs for --verify-int8 (arrays named like the model inputs); default: random",
+    )
     add("--json", action="store_true", help="print JSON instead of the table")
     add("-o", "--output", type=Path, metavar="FILE", help="also write the JSON report to FILE")
     add("--csv", type=Path, metavar="FILE", help="also write one CSV row per model and batch size")
@@ -123,6 +136,10 @@ def run_profile_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # fail before spending minutes on the first models
         return _fail(str(exc))
 
+    if args.verify_int8:
+        failed = _verify_int8([path for path, loaded in sources if loaded is None], args)
+        if isinstance(failed, str):
+            return _fail(failed)
     reports: list[LatencyReport] = []
     for path, loaded in sources:
         if loaded is not None:
@@ -169,7 +186,45 @@ def run_profile_command(args: argparse.Namespace) -> int:
             for profile in report.op_profiles:
                 print(f"\nper-op breakdown: {report.name}, batch {profile.batch_size}\n")
                 print(op_table(profile, top=args.per_op))
-    return 0
+    return 1 if args.verify_int8 and failed else 0
+
+
+def _verify_int8(paths: list[Path], args: argparse.Namespace) -> bool | str:
+    """Print one verdict per quantized model; True when any diverges, an error text for bad
+    ``--inputs``."""
+    import numpy as np
+
+    from .graph import random_inputs
+    from .int8numerics import explain_int8_mismatch, first_divergence
+    from .machine import machine_info
+
+    real: dict[str, np.ndarray] | None = None
+    if args.inputs is not None:
+        try:
+            with np.load(args.inputs) as archive:
+                real = {name: archive[name] for name in archive.files}
+        except (OSError, ValueError) as exc:
+            return f"--inputs {args.inputs}: {exc}"
+    any_failed = False
+    for path in paths:
+        summary = graph_summary(path)
+        if not summary.is_quantized:
+            print(f"{path.name}: float model, nothing to verify")
+            continue
+        try:
+            feed = real if real is not None else random_inputs(
+                summary.inputs, 8, input_shapes=dict(args.input_shape or [])
+            )
+            divergence = first_divergence(path, feed)
+        except Exception as exc:  # onnxruntime raises plain exceptions for bad feeds
+            return f"--verify-int8 {path}: {exc}"
+        if divergence is None:
+            print(f"{path.name}: int8 verified: this CPU's fused kernels match the QDQ graph")
+            continue
+        any_failed = True
+        print(f"{path.name}: int8 WRONG here: "
+              f"{explain_int8_mismatch(path, feed, machine=machine_info())}")
+    return any_failed
 
 
 def _profile(path: Path, args: argparse.Namespace) -> LatencyReport:

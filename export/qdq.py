@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,13 +302,25 @@ def finalize_qdq(model: onnx.ModelProto) -> dict[str, Any]:
     }
 
 
-def write_qdq(traced_path: str | os.PathLike, path: str | os.PathLike) -> dict[str, Any]:
-    """Load a traced QDQ model, :func:`finalize_qdq` it, check it and write it atomically."""
+def write_qdq(
+    traced_path: str | os.PathLike,
+    path: str | os.PathLike,
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Load a traced QDQ model, :func:`finalize_qdq` it, add ``metadata`` to its
+    ``metadata_props``, check it and write it atomically."""
     model = load_model(traced_path)
     report = finalize_qdq(model)
+    if metadata:
+        helper.set_model_props(model, {**_props(model), **metadata})
     onnx.checker.check_model(model)
     atomic_write_bytes(path, model.SerializeToString())
     return report
+
+
+def _props(model: onnx.ModelProto) -> dict[str, str]:
+    return {prop.key: prop.value for prop in model.metadata_props}
 
 
 # ---- inspection -----------------------------------------------------------------------------

@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="recompute STAGE and everything after it ('all' for every stage)")
     run.add_argument("--until", metavar="STAGE", help="stop after STAGE (and what it needs)")
     run.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    run.add_argument("--target", metavar="CPU",
+                     help="the CPU the int8 files are for, overriding the recipe's `target:` "
+                          "(auto: this machine; x86-avx2, x86-avx512, x86-vnni, x86-amx, "
+                          "arm64-dot, arm64, portable)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     run.set_defaults(handler=_cmd_run)
@@ -102,7 +106,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from slimline.runner import run
 
     result = run(args.recipe, run_dir=args.run_dir, force=args.force, until=args.until,
-                 dry_run=args.dry_run, progress=not args.no_progress)
+                 dry_run=args.dry_run, progress=not args.no_progress, target=args.target)
     if args.dry_run:
         from slimline.dag import build_plan
 
@@ -110,7 +114,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     ran = len(result.ran)
     print(f"{result.recipe.name}: {ran} stage(s) ran, "
-          f"{sum(r.status == 'cached' for r in result.records)} cached -> {result.run_dir}")
+          f"{sum(r.status == 'cached' for r in result.records)} cached -> {result.run_dir} "
+          f"(target {result.target.name})")
     if result.report_path:
         print(f"report: {result.report_path}")
     return 0

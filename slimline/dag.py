@@ -1,7 +1,8 @@
 """From a parsed recipe to an ordered, validated plan of stages, and their content-hash keys.
 
 A stage's cache key hashes its stage name, its normalised params, the keys of the stages it
-reads, the source (model spec, checkpoint bytes, dataset content, seed) and slimline's version:
+reads, the source (model spec, checkpoint bytes, dataset content, seed), slimline's version and,
+for stages whose output depends on it, the deployment target:
 equal inputs give equal keys, so a finished stage is never recomputed and a changed parameter
 recomputes exactly that stage and what depends on it.
 """
@@ -130,16 +131,22 @@ def _topological(recipe: Recipe, stages: list[PlannedStage]) -> list[PlannedStag
     return order
 
 
-def stage_keys(plan: Plan, source_key: str, version: str) -> dict[str, str]:
-    """Content-hash key of every stage (see the module docstring)."""
+def stage_keys(plan: Plan, source_key: str, version: str, target: str = "auto"
+               ) -> dict[str, str]:
+    """Content-hash key of every stage (see the module docstring). ``target`` (a resolved
+    name, not ``auto``) enters the keys of target-aware stages only, so moving a run to a CPU
+    of another kind redoes its quantization and export, not its training."""
     keys: dict[str, str] = {}
     for stage in plan.stages:
         inputs = [keys[dep] for dep in stage.spec.needs] or [source_key]
-        keys[stage.id] = sha256_text(canonical_json({
+        content = {
             "uses": stage.spec.uses,
             "params": stage.params_dict(),
             "inputs": inputs,
-            "refs": {name: keys[target] for name, target in stage.refs.items()},
+            "refs": {name: keys[ref] for name, ref in stage.refs.items()},
             "slimline": version,
-        }))
+        }
+        if stage.definition.target_aware:
+            content["target"] = target
+        keys[stage.id] = sha256_text(canonical_json(content))
     return keys

@@ -23,12 +23,17 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> to
         model.train(was_training)
 
 
-def predict_onnx(path: str | Path, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Logits of an ONNX file run by onnxruntime on CPU (what a deployment would compute)."""
+def predict_onnx(path: str | Path, inputs: torch.Tensor, batch_size: int = 256, *,
+                 optimize: bool = True) -> torch.Tensor:
+    """Logits of an ONNX file run by onnxruntime on CPU (what a deployment would compute).
+    ``optimize=False``: without graph optimizations, so an int8 file runs its QDQ graph as
+    written instead of this CPU's fused integer kernels (for a file made for another CPU)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     batches = [session.run(None, {name: inputs[i : i + batch_size].numpy()})[0]

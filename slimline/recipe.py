@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-TOP_LEVEL_KEYS = ("name", "seed", "model", "data", "stages", "description")
+TOP_LEVEL_KEYS = ("name", "seed", "target", "model", "data", "stages", "description")
 MODEL_KEYS = ("name", "factory", "with", "checkpoint")
 DATA_KEYS = ("name", "factory", "with")
 STAGE_KEYS = ("id", "uses", "with", "needs", "description")
@@ -48,6 +48,8 @@ class Recipe:
     model: dict[str, Any]
     data: dict[str, Any]
     stages: list[StageSpec]
+    # The CPU the int8 files are for (slimline.export.target): "auto" is the machine that runs.
+    target: str = "auto"
     source: str = "<recipe>"
     base_dir: Path = field(default_factory=Path.cwd)
     lines: dict[str, int] = field(default_factory=dict)
@@ -132,6 +134,8 @@ def _from_document(document: Any, *, lines: dict[str, int], name: str, base_dir:
         raise recipe.error("use letters, digits, '.', '_' and '-' only (it names the run dir)",
                            "name")
     recipe.seed = _typed(recipe, document.get("seed", 0), int, "seed")
+    recipe.target = check_target(recipe, _typed(recipe, document.get("target", "auto"), str,
+                                                "target"))
     recipe.model = _section(recipe, document["model"], MODEL_KEYS, "model")
     recipe.data = _section(recipe, document["data"], DATA_KEYS, "data")
     if "checkpoint" in recipe.model and recipe.model["checkpoint"] is not None:
@@ -140,6 +144,18 @@ def _from_document(document: Any, *, lines: dict[str, int], name: str, base_dir:
                                          else (base_dir / checkpoint))
     recipe.stages = _stages(recipe, document["stages"])
     return recipe
+
+
+def check_target(recipe: Recipe, name: str, key: str = "target") -> str:
+    """``name`` if it is ``auto`` or a known target (slimline.export.target), else an error."""
+    from slimline.export.target import TARGETS
+
+    known = ["auto", *TARGETS]
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise recipe.error(f"unknown target {name!r}{hint} (known: {', '.join(known)})", key)
+    return name
 
 
 def _check_keys(recipe: Recipe, mapping: dict, allowed: tuple[str, ...], path: str) -> None:

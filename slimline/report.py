@@ -22,6 +22,8 @@ def write_report(result: RunResult) -> tuple[Path, Path]:
     plot_path = plot_accuracy_latency(points, result.run_dir / "report.png")
     lines = [f"# {result.recipe.name}", "",
              f"Recipe: `{result.recipe.source}` · seed {result.recipe.seed}", "",
+             f"Target: `{result.target.name}` ({_target_origin(result)}). "
+             f"int8 scheme: {result.target.scheme.reason}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_row(record)) + " |" for record in result.records]
     lines += ["", "Accuracy is top-1 on the eval stage's split; agreement is the share of samples "
@@ -59,7 +61,7 @@ def model_points(records: list[StageRecord]) -> list[dict[str, Any]]:
         if not metrics or record.model_id is None:
             continue
         if record.uses == "eval" and metrics.get("split") == "test":
-            if metrics.get("backend") == "onnx" and source:
+            if str(metrics.get("backend", "")).startswith("onnx") and source:
                 points.setdefault(source, {})["onnx_accuracy"] = metrics["accuracy"]
             else:
                 torch_accuracy[record.model_id] = metrics["accuracy"]
@@ -149,6 +151,16 @@ def _details(record: StageRecord) -> list[str]:
         out.append(f"- ONNX: {_size(m['onnx_bytes'])}, {_int(m['onnx_parameters'])} parameters, "
                    f"weight sparsity in the initializers {_pct(m['onnx_sparsity'])}; ops: "
                    + ", ".join(f"{k}×{v}" for k, v in sorted(m["op_counts"].items())))
+    if m.get("target") and m.get("weight_bits_used"):
+        lowered = m.get("weight_bits_lowered", 0)
+        out.append(f"- int8 grid for `{m['target']}`: weight bits used "
+                   f"{m['weight_bits_used']}" + (f"; {lowered} layers lowered from "
+                   f"{m.get('weight_bits')} bits so that CPU computes them exactly"
+                   if lowered else ""))
+    if m.get("parity_backend"):
+        out.append(f"- parity checked on {m['parity_backend']}")
+    if m.get("note"):
+        out.append(f"- note: {m['note']}")
     if "by_batch" in m:
         out.append("- latency by batch size: " + "; ".join(
             f"bs {bs}: median {v['median_ms']:.3f} ms, p90 {v['p90_ms']:.3f}, "
@@ -163,6 +175,14 @@ def _details(record: StageRecord) -> list[str]:
         out.append("- val accuracy by epoch: " + ", ".join(
             f"{e['val_accuracy']:.3f}" for e in m["epochs"]))
     return out
+
+
+def _target_origin(result: RunResult) -> str:
+    if result.recipe.target != "auto":
+        return "set by the recipe or --target"
+    from slimline.export.machine import machine_info
+
+    return f"auto: this machine, {machine_info()['cpu']}"
 
 
 def _int(value: Any) -> str:

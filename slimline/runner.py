@@ -46,8 +46,10 @@ from slimline.artifact import (
 from slimline.dag import Plan, PlannedStage, build_plan, stage_keys
 from slimline.data import Dataset, load_dataset
 from slimline.distributed import RankGroup, rank_group
+from slimline.export.machine import machine_info
+from slimline.export.target import Target, resolve_target
 from slimline.io import canonical_json, read_json, sha256_file, sha256_text, write_json
-from slimline.recipe import Recipe, load_recipe
+from slimline.recipe import Recipe, check_target, load_recipe
 from slimline.stage import StageContext, StageFailed, seed_everything
 
 log = logging.getLogger("slimline")
@@ -78,6 +80,7 @@ class RunResult:
     records: list[StageRecord]
     report_path: Path | None = None
     plot_path: Path | None = None
+    target: Target = field(default_factory=lambda: resolve_target("auto"))
 
     def record(self, stage_id: str) -> StageRecord:
         return next(r for r in self.records if r.id == stage_id)
@@ -93,14 +96,18 @@ class RunResult:
 
 def run(recipe: str | Path | dict | Recipe, *, run_dir: str | Path | None = None,
         force: tuple[str, ...] | list[str] = (), until: str | None = None,
-        dry_run: bool = False, progress: bool = True) -> RunResult:
+        dry_run: bool = False, progress: bool = True, target: str | None = None) -> RunResult:
     """Run a recipe (file, dict or parsed) and return what each stage did.
 
     ``force``: stage ids to recompute (with everything downstream of them); ``"all"`` for all.
     ``until``: run only this stage and what it depends on. ``dry_run``: plan and report cache
-    status without running anything.
+    status without running anything. ``target``: the CPU the int8 files are for, overriding
+    the recipe's ``target:`` (see :mod:`slimline.export.target`).
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if target is not None:
+        recipe.target = check_target(recipe, target, key="--target")
+    resolved = resolve_target(recipe.target)
     plan = build_plan(recipe)
     selected = plan.ancestors(_known(plan, until)) if until else {s.id for s in plan.stages}
     forced: set[str] = set()
@@ -113,7 +120,7 @@ def run(recipe: str | Path | dict | Recipe, *, run_dir: str | Path | None = None
     source_key = sha256_text(canonical_json({
         "model": source.model_spec, "checkpoint": source.state.get("checkpoint_sha256"),
         "data": recipe.data, "data_sha256": dataset.fingerprint(), "seed": recipe.seed}))
-    keys = stage_keys(plan, source_key, __version__)
+    keys = stage_keys(plan, source_key, __version__, resolved.name)
     records = [StageRecord(s.id, s.spec.uses, keys[s.id],
                            run_dir / "stages" / f"{s.id}-{keys[s.id][:12]}", "pending")
                for s in plan.stages]
@@ -122,7 +129,7 @@ def run(recipe: str | Path | dict | Recipe, *, run_dir: str | Path | None = None
             record.status = "skipped"
         elif (record.directory / "artifact.json").exists() and record.id not in forced:
             record.status = "cached"
-    result = RunResult(recipe, run_dir, records)
+    result = RunResult(recipe, run_dir, records, target=resolved)
     if dry_run:
         return result
     with rank_group() as group, contextlib.ExitStack() as held:
@@ -235,7 +242,8 @@ def _execute(plan: Plan, result: RunResult, source: Artifact, dataset: Dataset,
         output = group.attempt(
             f"stage {stage.id!r}",
             lambda stage=stage, record=record: _run_stage(
-                plan, stage, record, source, dataset, artifact_of, progress, group))
+                plan, stage, record, source, dataset, artifact_of, progress, group,
+                result.target))
         # Every rank takes part in every exchange; the others continue from what rank 0 saved.
         output = group.attempt(
             f"loading stage {stage.id!r} as saved by rank 0",
@@ -256,7 +264,8 @@ def _execute(plan: Plan, result: RunResult, source: Artifact, dataset: Dataset,
 
 
 def _run_stage(plan: Plan, stage: PlannedStage, record: StageRecord, source: Artifact,
-               dataset: Dataset, artifact_of: Any, progress: bool, group: RankGroup) -> Artifact:
+               dataset: Dataset, artifact_of: Any, progress: bool, group: RankGroup,
+               target: Target) -> Artifact:
     """Compute one stage; rank 0 saves it into place, other ranks work in a private temp dir."""
     inputs = [artifact_of(dep) for dep in stage.spec.needs] or [source]
     if group.is_writer:
@@ -271,7 +280,8 @@ def _run_stage(plan: Plan, stage: PlannedStage, record: StageRecord, source: Art
         data_loader=lambda: dataset,
         references={name: artifact_of(target) for name, target in stage.refs.items()},
         lookup=lambda stage_id: source if stage_id == "source" else artifact_of(stage_id),
-        show_progress=progress and group.is_writer, cache_key=record.key)
+        show_progress=progress and group.is_writer, cache_key=record.key,
+        target=target)
     try:
         seed_everything(context.seed)  # the same on every rank: they walk the same batches
         output = _call_stage(stage, context, inputs)
@@ -375,6 +385,8 @@ def _write_run_json(result: RunResult) -> None:
         "recipe": result.recipe.name,
         "source": result.recipe.source,
         "seed": result.recipe.seed,
+        "target": result.target.to_dict(),
+        "machine": machine_info(),
         "versions": versions(),
         "stages": [{"id": r.id, "uses": r.uses, "key": r.key, "status": r.status,
                     "seconds": round(r.seconds, 3), "directory": r.directory.name,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from slimline.export.target import Target, resolve_target
 from slimline.params import describe_params
 from slimline.progress import Progress
 from slimline.registry import Registry, first_doc_line
@@ -50,6 +51,9 @@ class StageDef:
     stage_refs: tuple[str, ...] = ()
     min_inputs: int = 1
     max_inputs: int = 1
+    # Its output depends on the deployment target (int8 grids, export checks): the resolved
+    # target joins its cache key and reaches it as ctx.target.
+    target_aware: bool = False
 
     @property
     def doc(self) -> str:
@@ -63,10 +67,11 @@ STAGES: Registry[StageDef] = Registry("stage")
 
 
 def register_stage(name: str, params: type, *, stage_refs: tuple[str, ...] = (),
-                   min_inputs: int = 1, max_inputs: int = 1
+                   min_inputs: int = 1, max_inputs: int = 1, target_aware: bool = False
                    ) -> Callable[[StageFunction], StageFunction]:
     def add(function: StageFunction) -> StageFunction:
-        STAGES.register(name)(StageDef(name, function, params, stage_refs, min_inputs, max_inputs))
+        STAGES.register(name)(StageDef(name, function, params, stage_refs, min_inputs,
+                                       max_inputs, target_aware))
         return function
 
     return add
@@ -106,6 +111,8 @@ class StageContext:
     # The stage's content hash (see slimline.dag): names state shared beyond this process,
     # e.g. the Optuna study that `slimline search worker` processes join.
     cache_key: str = ""
+    # The CPU the outputs are for (recipe `target:`, resolved; "auto" is this machine).
+    target: Target = field(default_factory=lambda: resolve_target("auto"))
 
     @cached_property
     def data(self) -> Dataset:

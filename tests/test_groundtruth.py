@@ -152,16 +152,25 @@ def test_fixture_dir_is_in_the_repository():
 
 @pytest.mark.slow
 def test_a_committed_entry_is_reproduced_by_retraining():
+    """The expectation is re-derived on the machine that runs the test: two trainings here agree
+    bit for bit. Against the committed numbers (made on another CPU) the tolerance is the
+    entry's own seed-to-seed spread: other SIMD kernels (AVX-512 vs AVX2 reduction order) change
+    the float trajectory of a 2-epoch training the way another seed does, so a closer match
+    cannot be promised, and a protocol change (epochs, lr, data) would move it further."""
     import torch
 
     from slimline.search.groundtruth import train_and_score
 
     truth = load_fixture("digits-cnn")
     dataset = truth.load_dataset()
-    torch.manual_seed(0)
-    val, test = train_and_score(truth.build_model(0), dataset, truth.train, seed=0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(train_and_score(truth.build_model(0), dataset, truth.train, seed=0))
+    assert runs[0] == runs[1]
+    val, test = runs[0]
     entry = truth.architectures[0]
-    # Bit-for-bit on one thread with the recorded torch version; a close match elsewhere.
-    tolerance = 0.0 if torch.__version__ == truth.raw["versions"]["torch"] else 0.05
-    assert val == pytest.approx(entry["val_accuracy"][0], abs=tolerance)
-    assert test == pytest.approx(entry["test_accuracy"][0], abs=tolerance)
+    for measured, committed in ((val, entry["val_accuracy"]), (test, entry["test_accuracy"])):
+        spread = max(committed) - min(committed)
+        assert 0 < spread < 0.5
+        assert abs(measured - committed[0]) <= spread

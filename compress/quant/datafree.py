@@ -37,6 +37,7 @@ from slimline.compress.quant.rtn import (
 )
 from slimline.compress.quant.spec import QuantSpec, affine_spec
 from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
+from slimline.compress.quant.target import Target, layer_weight_bits, scheme_record
 
 __all__ = ["DataFreeRangeError", "DataFreeResult", "quantize_datafree", "weight_spec"]
 
@@ -94,6 +95,7 @@ def quantize_datafree(
     correct_bias: bool = False,
     method: str = "datafree",
     info: dict[str, Any] | None = None,
+    target: Target | str | None = "auto",
 ) -> DataFreeResult:
     """Quantize ``model`` in place (eval mode) without data and attach the fake-quant forward.
 
@@ -103,6 +105,8 @@ def quantize_datafree(
         input_std: the model input is taken as ``N(0, input_std^2)`` per element.
         calibration: optional model inputs; then activation ranges are observed min/max.
         equalize, absorb_high_bias, correct_bias: DFQ's steps (see :mod:`slimline.compress.quant.dfq`).
+        target: the CPU the int8 file is for (``"auto"``: this one); it can lower a layer's
+            bit width to what that CPU's kernels compute exactly (:mod:`slimline.export.target`).
 
     Raises:
         ValueError: bad bit widths or nothing to quantize.
@@ -132,9 +136,15 @@ def quantize_datafree(
     plan = plan_activation_points(model, targets)
     node_stats = propagate_stats(model, stats, sigmas=range_sigmas, input_std=input_std)
     float_weights = {name: module.weight.detach().clone() for name, module in targets.items()}
+    bits = {
+        name: layer_weight_bits(
+            module, weight_bits, target, grid="symmetric" if symmetric_weights else "affine"
+        )
+        for name, module in targets.items()
+    }
     weights = {
         f"{name}.weight": weight_spec(
-            module.weight, weight_bits, per_channel=per_channel, symmetric=symmetric_weights
+            module.weight, bits[name], per_channel=per_channel, symmetric=symmetric_weights
         )
         for name, module in targets.items()
     }
@@ -180,6 +190,7 @@ def quantize_datafree(
             "skip": skip,
             "folded_batchnorm": [list(pair) for pair in folded],
             "placement_traced": plan.traced,
+            **scheme_record(target, weight_bits, bits),
             **(info or {}),
         },
     )

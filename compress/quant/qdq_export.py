@@ -12,6 +12,7 @@ the layout ONNX Runtime fuses into QLinearConv / QGemm / MatMulIntegerToFloat / 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ from slimline.compress.quant.state import (
     quantization_of,
     tracing_as_qdq,
 )
+from slimline.compress.quant.target import Target, resolve_target
 
 if TYPE_CHECKING:
     from slimline.export.qdq import QDQSummary
@@ -74,17 +76,25 @@ def export_qdq_onnx(
     opset: int = 18,
     dynamic_batch: bool = True,
     state: QuantState | None = None,
+    target: Target | str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Export ``model`` (with quantization attached, or ``state``) as an int8 QDQ ONNX file.
+
+    ``target`` is the CPU the file is for (default: the one the state was quantized for, else
+    this machine; see :mod:`slimline.export.target`). The stored weight levels must be ones that
+    target's onnxruntime kernels compute exactly, else nothing is written; the file records the
+    target and its scheme in its metadata (``slimline.int8_target``, ``slimline.int8_scheme``).
 
     Weights with at most 8 bits are stored as int8/uint8 initializers (a 4-bit weight keeps its
     16-level grid inside int8), biases of quantized layers as int32. Returns the path and the
     rewrite report of :func:`slimline.export.qdq.finalize_qdq`.
 
     Raises:
-        QDQExportError: no quantization state, parameters off their grid, or the export failed.
+        QDQExportError: no quantization state, parameters off their grid, weights the target
+            would saturate, or the export failed.
     """
     from slimline.export import ExportError, export_onnx
+    from slimline.export.int8numerics import describe_ranges, int8_weight_ranges, saturating_weights
     from slimline.export.qdq import QDQError, qdq_summary, write_qdq
 
     state = state or quantization_of(model)
@@ -108,6 +118,7 @@ def export_qdq_onnx(
     if wide:
         raise QDQExportError(f"weights wider than 8 bits cannot be stored as int8: {wide[:5]}")
 
+    resolved = resolve_target(target if target is not None else state.info.get("target"))
     traced = attach_quantization(copy.deepcopy(model).eval(), state)  # hooks even if only given
     modules = dict(traced.named_modules())
     for name, spec in state.weights.items():
@@ -116,10 +127,10 @@ def export_qdq_onnx(
             parametrize.register_parametrization(
                 modules[owner], attribute, _WeightQDQ(spec), unsafe=True
             )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
     handle, raw = tempfile.mkstemp(
-        prefix=f".{target.name}.traced.", suffix=".onnx", dir=target.parent
+        prefix=f".{destination.name}.traced.", suffix=".onnx", dir=destination.parent
     )
     os.close(handle)
     try:
@@ -131,19 +142,34 @@ def export_qdq_onnx(
                 f"int8 QDQ export of {type(model).__name__} failed (it needs "
                 f"the dynamo exporter): {exc}"
             ) from exc
+        metadata = {
+            "slimline.int8_target": resolved.name,
+            "slimline.int8_scheme": json.dumps(resolved.scheme.to_dict(), sort_keys=True),
+        }
         try:
-            report = write_qdq(raw, target)
+            report = write_qdq(raw, destination, metadata=metadata)
         except QDQError as exc:
             raise QDQExportError(f"int8 QDQ rewrite failed: {exc}") from exc
-        mismatches = scale_mismatches(qdq_summary(target), state)
+        mismatches = scale_mismatches(qdq_summary(destination), state)
         if mismatches:
-            target.unlink(missing_ok=True)
+            destination.unlink(missing_ok=True)
             raise QDQExportError(
                 "exported scales differ from the PyTorch model's: " + "; ".join(mismatches[:5])
             )
+        over = saturating_weights(int8_weight_ranges(destination), resolved)
+        if over:
+            destination.unlink(missing_ok=True)
+            quantized_for = state.info.get("target", "an unrecorded target")
+            raise QDQExportError(
+                f"{len(over)} layers store int8 weights that target {resolved.name}'s "
+                f"onnxruntime kernels would compute wrongly ({describe_ranges(over)}; "
+                f"{resolved.scheme.reason}). The model was quantized for {quantized_for}: "
+                f"quantize it again with target {resolved.name!r}. No file was written"
+            )
+        report["target"] = resolved.name
     finally:
         Path(raw).unlink(missing_ok=True)
-    return target, report
+    return destination, report
 
 
 def scale_mismatches(summary: QDQSummary, state: QuantState) -> list[str]:

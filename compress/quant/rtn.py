@@ -27,6 +27,7 @@ from slimline.compress.quant.fold import fold_batchnorm
 from slimline.compress.quant.placement import ActivationPlan, plan_activation_points
 from slimline.compress.quant.spec import QuantSpec, affine_spec, symmetric_spec
 from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
+from slimline.compress.quant.target import Target, layer_weight_bits, scheme_record
 
 __all__ = [
     "MinMaxObserver",
@@ -105,12 +106,15 @@ def quantize_rtn(
     skip: str | None = None,
     fold_bn: bool = True,
     batch_size: int = 64,
+    target: Target | str | None = "auto",
 ) -> RTNResult:
     """Quantize ``model`` in place (eval mode) and attach the fake-quant forward.
 
     ``calibration`` are model inputs (e.g. ``dataset.calibration(256)``); ``skip`` is a regex
     of Conv/Linear module names kept in float (e.g. ``"^conv1$|^fc$"``). Only 8-bit activations
-    are supported: that is what integer kernels run.
+    are supported: that is what integer kernels run. ``target`` is the CPU the int8 file will
+    run on (``"auto"``: this one; see :mod:`slimline.export.target`): it can lower a layer's
+    ``weight_bits`` to the range that CPU's kernels compute exactly.
 
     Raises:
         ValueError: bad bit widths, nothing to quantize, or a bias whose int32 grid overflows.
@@ -124,8 +128,9 @@ def quantize_rtn(
     every, targets = quantization_targets(model, skip)
     plan = plan_activation_points(model, targets)
 
+    bits = {name: layer_weight_bits(m, weight_bits, target) for name, m in targets.items()}
     weights = {
-        f"{name}.weight": weight_spec_rtn(module.weight, weight_bits, per_channel=per_channel)
+        f"{name}.weight": weight_spec_rtn(module.weight, bits[name], per_channel=per_channel)
         for name, module in targets.items()
     }
     attach_quantization(model, QuantState(weights=weights, method="rtn"))  # bakes the weights
@@ -157,6 +162,7 @@ def quantize_rtn(
             "skip": skip,
             "folded_batchnorm": [list(pair) for pair in folded],
             "placement_traced": plan.traced,
+            **scheme_record(target, weight_bits, bits),
         },
     )
     attach_quantization(model, state)

@@ -76,6 +76,7 @@ from slimline.compress.prune.neuron_merging import select_site_channels
 from slimline.compress.quant.bn_statistics import clipped_normal_moments
 from slimline.compress.quant.datafree import DataFreeResult, quantize_datafree, weight_spec
 from slimline.compress.quant.fold import fold_conv_bn_weights
+from slimline.compress.quant.target import Target, layer_weight_bits
 
 __all__ = [
     "UDFCResult",
@@ -229,6 +230,7 @@ def udfc_compress(
     mean_preserving: bool = False,
     skip: str | None = None,
     masks: dict[str, torch.Tensor] | None = None,
+    target: Target | str | None = "auto",
 ) -> UDFCResult:
     """Prune ``prune_ratio`` of every site's channels and quantize to ``weight_bits``, in place,
     repairing both in the next layer (module docstring). ``weight_bits=None``: prune only
@@ -258,6 +260,9 @@ def udfc_compress(
       W_{l+1}[:, j])``.
     * **No next layer.** Layers whose output feeds a residual add or the model output (the
       stem, a block's last conv, projections, the classifier) are quantized by plain RTN.
+
+    ``target`` (the CPU the int8 file is for) can lower a layer's bit width to the range its
+    kernels compute exactly; the repair ``s~`` is solved for that same grid.
     """
     if weight_bits is not None and not 2 <= weight_bits <= 16:
         raise ValueError(f"weight_bits must be in [2, 16] (or None: prune only), got {weight_bits}")
@@ -296,8 +301,10 @@ def udfc_compress(
             and weight_bits is not None
             and not (skip and re.search(skip, name))
         ):
+            grid = "symmetric" if symmetric_weights else "affine"
+            bits = layer_weight_bits(model.get_submodule(name), weight_bits, target, grid=grid)
             result.compensated[name] = _compensate_quantization(
-                model, chain, weight_bits, alpha2, per_channel, symmetric_weights
+                model, chain, bits, alpha2, per_channel, symmetric_weights
             )
     if weight_bits is not None:
         result.quant = quantize_datafree(
@@ -310,6 +317,7 @@ def udfc_compress(
             symmetric_activations=symmetric_activations,
             input_std=input_std,
             skip=skip,
+            target=target,
             method="udfc",
             info={
                 "prune_ratio": prune_ratio,

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from slimline.artifact import Artifact
 from slimline.params import ParamError, check_range, param
 from slimline.stage import StageContext, StageFailed, register_stage
+from slimline.stages.quant import target_metrics
 
 
 class DataAccessError(StageFailed):
@@ -171,8 +172,9 @@ def _float_input(ctx: StageContext, source: Artifact) -> None:
         )
 
 
-def _quant_kwargs(p: DataFreeQuantParams) -> dict[str, Any]:
+def _quant_kwargs(ctx: StageContext, p: DataFreeQuantParams) -> dict[str, Any]:
     return {
+        "target": ctx.target,
         "weight_bits": p.weight_bits,
         "per_channel": p.per_channel,
         "symmetric_weights": p.symmetric_weights,
@@ -201,6 +203,7 @@ def _quant_metrics(result: Any, p: DataFreeQuantParams, method: str) -> dict[str
         "activation_points": len(result.state.activations),
         "folded_batchnorm": len(result.folded),
         **result.dfq,
+        **target_metrics(result.state.info),
     }
     for key in ("bias_corrected",):
         if key in metrics:
@@ -217,7 +220,7 @@ def _quantize(
     _float_input(ctx, inputs[0])
     out = inputs[0].derive(copy_model=True)
     try:
-        result = quantize_datafree(out.model, **_quant_kwargs(p), method=method, **dfq)
+        result = quantize_datafree(out.model, **_quant_kwargs(ctx, p), method=method, **dfq)
     except (ValueError, DataFreeRangeError) as exc:
         raise ctx.fail(str(exc)) from None
     out.state["quantization"] = result.state.to_dict()
@@ -225,14 +228,14 @@ def _quantize(
     return out
 
 
-@register_stage("quant.datafree", DataFreeQuantParams)
+@register_stage("quant.datafree", DataFreeQuantParams, target_aware=True)
 @data_free
 def quant_datafree(ctx: StageContext, inputs: list[Artifact], p: DataFreeQuantParams) -> Artifact:
     """Round-to-nearest weights, activation ranges from BN statistics; never reads data."""
     return _quantize(ctx, inputs, p, method="datafree")
 
 
-@register_stage("quant.dfq", DFQParams)
+@register_stage("quant.dfq", DFQParams, target_aware=True)
 @data_free
 def quant_dfq(ctx: StageContext, inputs: list[Artifact], p: DFQParams) -> Artifact:
     """DFQ (Nagel 2019): equalization, high-bias absorption, bias correction; no data."""
@@ -334,7 +337,7 @@ def prune_neuron_merging(
     return _prune(ctx, inputs, p, compensation="merge", threshold=p.threshold, lam=p.lam)
 
 
-@register_stage("compress.udfc", UDFCParams)
+@register_stage("compress.udfc", UDFCParams, target_aware=True)
 @data_free
 def compress_udfc(ctx: StageContext, inputs: list[Artifact], p: UDFCParams) -> Artifact:
     """UDFC (Bai 2023): joint channel pruning + weight quantization, repaired in closed form."""
@@ -358,7 +361,7 @@ def compress_udfc(ctx: StageContext, inputs: list[Artifact], p: UDFCParams) -> A
             mean_correction=p.mean_correction,
             mean_preserving=p.mean_preserving,
             masks=out.masks,
-            **_quant_kwargs(p),
+            **_quant_kwargs(ctx, p),
         )
     except (ValueError, LayerChainError, StructuredPruningError, DataFreeRangeError) as exc:
         raise ctx.fail(str(exc)) from None

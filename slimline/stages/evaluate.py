@@ -37,11 +37,17 @@ def evaluate(ctx: StageContext, inputs: list[Artifact], p: EvalParams) -> Artifa
         if onnx_path is None:
             raise ctx.fail("backend 'onnx' needs an exported model: put an export stage in "
                            "its 'needs'")
-        logits = predict_onnx(onnx_path, x, p.batch_size)
+        from slimline.stages.export import exact_on_this_machine, not_exact_here_note
+
+        exact_here = exact_on_this_machine(onnx_path)
+        logits = predict_onnx(onnx_path, x, p.batch_size, optimize=exact_here)
     else:
         logits = predict(out.model, x, p.batch_size)
     metrics = {"split": p.split, "accuracy": accuracy(logits, y), "backend": p.backend,
                "loss": float(F.cross_entropy(logits, y)), "samples": len(y)}
+    if p.backend == "onnx" and not exact_here:
+        metrics["backend"] = "onnx-reference"
+        metrics["note"] = not_exact_here_note(ctx.target.name)
     reference = ctx.references.get("reference") or _parent(ctx, out)
     if reference is not None:
         reference_logits = predict(reference.model, x, p.batch_size)

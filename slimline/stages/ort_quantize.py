@@ -32,7 +32,11 @@ class OrtQuantizeParams:
     )
     calibration_samples: int = param(256, help="training inputs used to calibrate (static)")
     calibration_seed: int | None = param(None, help="which samples (default: the recipe seed)")
-    reduce_range: bool = param(False, help="7-bit weights: avoids U8S8 overflow without VNNI")
+    reduce_range: bool | None = param(
+        None,
+        help="7-bit weights, which CPUs without VNNI need for exact u8s8 results; default: "
+        "what the recipe's target needs",
+    )
     split: Literal["test", "val"] = param("test", help="split the int8 model is scored on")
     batch_size: int = param(256, help="samples per onnxruntime call when scoring")
     filename: str = param("model.int8.onnx", help="name of the int8 file in the stage directory")
@@ -48,7 +52,7 @@ class OrtQuantizeParams:
             )
 
 
-@register_stage("export.ort_quantize", OrtQuantizeParams)
+@register_stage("export.ort_quantize", OrtQuantizeParams, target_aware=True)
 def ort_quantize_stage(ctx: StageContext, inputs: list[Artifact], p: OrtQuantizeParams) -> Artifact:
     """int8 ONNX via onnxruntime.quantization (static QDQ or dynamic), scored against fp32."""
     source = inputs[0]
@@ -61,12 +65,14 @@ def ort_quantize_stage(ctx: StageContext, inputs: list[Artifact], p: OrtQuantize
         )
     from slimline.export.graph import OnnxFileError, graph_summary
     from slimline.export.ort_quant import QuantizationError, compare_onnx_models, ort_quantize
+    from slimline.stages.export import exact_on_this_machine, not_exact_here_note
 
     calibration = None
     if p.mode == "static":
         seed = ctx.seed if p.calibration_seed is None else p.calibration_seed
         calibration = ctx.data.calibration(p.calibration_samples, seed=seed).numpy()
     path = ctx.work_dir / p.filename
+    reduce_range = ctx.target.scheme.reduce_range if p.reduce_range is None else p.reduce_range
     try:
         ort_quantize(
             fp32_path,
@@ -77,13 +83,16 @@ def ort_quantize_stage(ctx: StageContext, inputs: list[Artifact], p: OrtQuantize
             activation_type=p.activation_type,
             weight_type=p.weight_type,
             calibrate_method=p.calibrate_method,
-            reduce_range=p.reduce_range,
+            reduce_range=reduce_range,
+            target=ctx.target,
         )
     except (QuantizationError, OnnxFileError, FileNotFoundError) as exc:
         raise ctx.fail(f"{exc} (fp32 file from stage {producer!r})") from None
 
     x, y = ctx.data.split(p.split)
-    scores = compare_onnx_models(fp32_path, path, x.numpy(), y.numpy(), batch_size=p.batch_size)
+    exact_here = exact_on_this_machine(path)
+    scores = compare_onnx_models(fp32_path, path, x.numpy(), y.numpy(), batch_size=p.batch_size,
+                                 int8_reference=not exact_here)
     summary, fp32_summary = graph_summary(path), graph_summary(fp32_path)
     out = source.derive()
     out.files["onnx"] = path
@@ -115,5 +124,10 @@ def ort_quantize_stage(ctx: StageContext, inputs: list[Artifact], p: OrtQuantize
         "weight_type": p.weight_type,
         "calibration_samples": 0 if calibration is None else len(calibration),
         "source_stage": producer,
+        "target": ctx.target.name,
+        "reduce_range": reduce_range,
+        "scored_with": "onnxruntime" if exact_here else "onnxruntime reference (unfused QDQ)",
     }
+    if not exact_here:
+        out.metrics["note"] = not_exact_here_note(ctx.target.name)
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from slimline.artifact import Artifact
 from slimline.params import ParamError, param
@@ -41,7 +41,20 @@ class RTNParams:
                 raise ParamError("skip", f"invalid regular expression: {exc}") from None
 
 
-@register_stage("quant.rtn", RTNParams)
+def target_metrics(info: dict[str, Any]) -> dict[str, Any]:
+    """The deployment-target part of a quantization stage's metrics (from ``QuantState.info``,
+    see :func:`slimline.compress.quant.target.scheme_record`): which target, its scheme and
+    why, and how many layers got fewer weight bits than asked for."""
+    scheme = info.get("int8_scheme") or {}
+    return {
+        "target": info.get("target"),
+        "int8_scheme": scheme.get("reason"),
+        "weight_bits_used": info.get("weight_bits_used"),
+        "weight_bits_lowered": len(info.get("weight_bits_lowered") or {}),
+    }
+
+
+@register_stage("quant.rtn", RTNParams, target_aware=True)
 def quant_rtn(ctx: StageContext, inputs: list[Artifact], p: RTNParams) -> Artifact:
     """Round-to-nearest per-channel weights + min/max activation calibration (BN folded)."""
     from slimline.compress.quant import quantize_rtn
@@ -66,6 +79,7 @@ def quant_rtn(ctx: StageContext, inputs: list[Artifact], p: RTNParams) -> Artifa
             per_channel=p.per_channel,
             skip=p.skip,
             fold_bn=p.fold_bn,
+            target=ctx.target,
         )
     except ValueError as exc:
         raise ctx.fail(str(exc)) from None
@@ -85,6 +99,7 @@ def quant_rtn(ctx: StageContext, inputs: list[Artifact], p: RTNParams) -> Artifa
         "folded_batchnorm": len(result.folded),
         "calibration_samples": len(calibration),
         "placement": "fx graph" if result.plan.traced else "module inputs (fx trace failed)",
+        **target_metrics(result.state.info),
     }
     if p.weight_bits < 8:
         out.metrics["note"] = (
@@ -96,6 +111,6 @@ def quant_rtn(ctx: StageContext, inputs: list[Artifact], p: RTNParams) -> Artifa
         out.metrics["unobserved_points"] = result.unobserved
     ctx.log(
         f"{len(result.quantized)} layers quantized, {len(result.skipped)} kept in float, "
-        f"{len(result.folded)} BatchNorms folded"
+        f"{len(result.folded)} BatchNorms folded; target {ctx.target.name}"
     )
     return out

@@ -23,6 +23,7 @@ from slimline.params import ParamError, check_range, param
 from slimline.progress import Progress
 from slimline.search.distill import distillation_loss_fn
 from slimline.stage import StageContext, register_stage
+from slimline.stages.quant import target_metrics
 from slimline.training import TrainingDiverged, TrainParams, fit, world
 
 
@@ -90,6 +91,7 @@ def train_qat(
     teacher: nn.Module | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    target: str = "auto",
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Quantization-aware training of ``model`` in place; returns (state dict, history).
 
@@ -107,6 +109,7 @@ def train_qat(
             skip=p.skip,
             oscillation_momentum=p.oscillation_momentum,
             oscillation_threshold=p.oscillation_threshold,
+            target=target,
         ),
     )
     controller.install(data.calibration(p.calibration_samples, seed=seed))
@@ -172,7 +175,7 @@ def plot_oscillation(history: list[dict[str, float]], path: Path, title: str) ->
     return path
 
 
-@register_stage("quant.qat", QATParams)
+@register_stage("quant.qat", QATParams, target_aware=True)
 def quant_qat(ctx: StageContext, inputs: list[Artifact], p: QATParams) -> Artifact:
     """Low-bit QAT: LSQ, or OFQ (StatsQ + CGA + QKR); tracks weight oscillation."""
     from slimline.evaluation import accuracy, predict
@@ -185,7 +188,8 @@ def quant_qat(ctx: StageContext, inputs: list[Artifact], p: QATParams) -> Artifa
     with ctx.progress(p.epochs, "epochs") as bar:
         try:
             state, history = train_qat(
-                out.model, ctx.data, p, teacher=teacher, seed=ctx.seed, progress=bar
+                out.model, ctx.data, p, teacher=teacher, seed=ctx.seed, progress=bar,
+                target=ctx.target.name,
             )
         except (TrainingDiverged, ValueError) as exc:
             raise ctx.fail(str(exc)) from None
@@ -202,6 +206,7 @@ def quant_qat(ctx: StageContext, inputs: list[Artifact], p: QATParams) -> Artifa
         "oscillation_share": history[-1]["oscillation_share"],
         "oscillation_share_per_epoch": [r["oscillation_share"] for r in history],
         "epochs": history,
+        **target_metrics(state.get("info", {})),
     }
     if world()[0] == 0:
         path = ctx.work_dir / "oscillation.png"

@@ -24,6 +24,7 @@ from slimline.compress.quant.qat.qkr import merged_query_key, qkr_attention
 from slimline.compress.quant.qat.statsq import StatsQQuantizer, statsq_scale, statsq_spec
 from slimline.compress.quant.spec import QuantSpec
 from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
+from slimline.compress.quant.target import WeightGrid, layer_weight_bits, scheme_record
 
 __all__ = ["QATConfig", "QATController"]
 
@@ -42,6 +43,9 @@ class QATConfig:
     # so 0.05 makes the frequency a window of about one epoch.
     oscillation_momentum: float = 0.05
     oscillation_threshold: float = 0.02
+    # The CPU the int8 file is for ("auto": this one): may lower a layer's weight bits to what
+    # its kernels compute exactly (slimline.export.target); the model trains on that grid.
+    target: str = "auto"
 
 
 def _position(quantizer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -87,23 +91,29 @@ class QATController:
             and not (config.skip and re.search(config.skip, name))
         }
         self.qk_quantizers: dict[str, StatsQQuantizer] = {}
+        self.layer_bits: dict[nn.Module, int] = {}
         self._handles: list[Any] = []
         self.annealing = False  # CGA phase: the frozen set is re-chosen after every step
 
-    def _weight_quantizer(self, weight: torch.Tensor) -> nn.Module:
+    def _weight_quantizer(self, module: nn.Module) -> nn.Module:
+        weight = module.weight.detach()
         if self.config.weight_quantizer == "statsq":
-            return StatsQQuantizer(self.config.weight_bits)
-        quantizer = LSQQuantizer(self.config.weight_bits, per_row=True)
+            return StatsQQuantizer(self._bits(module, "odd"))
+        quantizer = LSQQuantizer(self._bits(module, "affine"), per_row=True)
         quantizer.initialize(weight)
         return quantizer
+
+    def _bits(self, module: nn.Module, grid: WeightGrid) -> int:
+        """The configured weight bits, lowered where the target's kernels need it."""
+        bits = layer_weight_bits(module, self.config.weight_bits, self.config.target, grid=grid)
+        self.layer_bits[module] = bits
+        return bits
 
     def install(self, calibration: torch.Tensor) -> None:
         """Add the quantizers; activation steps are initialised on ``calibration`` (the same
         tensor on every process, so distributed runs start identically)."""
         for module in self.layers.values():
-            parametrize.register_parametrization(
-                module, "weight", self._weight_quantizer(module.weight.detach())
-            )
+            parametrize.register_parametrization(module, "weight", self._weight_quantizer(module))
             module.input_quantizer = LSQQuantizer(self.config.activation_bits, per_row=False)
             self._handles.append(module.register_forward_pre_hook(_QuantizeInput()))
         for name, attention in self.attentions.items():
@@ -229,6 +239,11 @@ class QATController:
                 "weight_bits": self.config.weight_bits,
                 "activation_bits": a_bits,
                 "qkr": self.config.qkr,
+                **scheme_record(
+                    self.config.target,
+                    self.config.weight_bits,
+                    {name: self.layer_bits[m] for name, m in self.layers.items()},
+                ),
             },
         )
         attach_quantization(self.model, state)
