@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slimline.io import write_json, write_text
-from slimline.runner import versions
+from slimline.versions import versions
 
 OUT = Path(__file__).parent / "out"
 

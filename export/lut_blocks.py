@@ -1,7 +1,8 @@
 """Export every distinct block of a search space to ONNX for the latency table (needs torch).
 
-This is the host side of ``slimline profile lut``: it builds each block of
-:meth:`slimline.search.space.SearchSpace.distinct_blocks` with PyTorch and writes one ONNX file per block
+This is the host side of ``slimline profile lut``: it builds each block of a search space
+(anything with the :class:`BlockSpace` methods, e.g. :class:`slimline.search.space.SearchSpace`,
+which sits above this package) with PyTorch and writes one ONNX file per block
 plus ``manifest.json`` into a folder. The folder can be copied to a device that has only
 onnxruntime and measured there (:func:`slimline.export.lut.measure_lut`).
 
@@ -16,18 +17,31 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import onnx
 import torch
 
-from slimline.search.space import SearchSpace
-
 from .graph import atomic_write_bytes
 from .lut import BlockFile, write_manifest, write_overhead_model
 
-__all__ = ["export_block", "export_space_blocks"]
+__all__ = ["BlockSpace", "export_block", "export_space_blocks"]
+
+
+class BlockSpace(Protocol):
+    """What :func:`export_space_blocks` needs of a search space."""
+
+    in_channels: int
+    input_size: Sequence[int]
+    digest: str
+
+    def distinct_blocks(self) -> Sequence[Any]: ...
+
+    def build_block(self, block: Any) -> torch.nn.Module: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def export_block(module: torch.nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
@@ -51,7 +65,7 @@ def export_block(module: torch.nn.Module, input_shape: tuple[int, ...], path: Pa
 
 
 def export_space_blocks(
-    space: SearchSpace,
+    space: BlockSpace,
     directory: str | os.PathLike,
     *,
     batch_size: int = 1,

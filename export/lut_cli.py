@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .compare import markdown_table
 from .lut import LatencyTable, LutError, measure_lut
@@ -19,8 +21,15 @@ from .lut import LatencyTable, LutError, measure_lut
 DEFAULT_RUNS, DEFAULT_WARMUP = 300, 20
 
 
-def run_lut_command(args: argparse.Namespace) -> int:
-    """``profile lut`` for arguments parsed by :func:`slimline.export.profile_cli.add_profile_arguments`."""
+def run_lut_command(
+    args: argparse.Namespace, *, load_space: Callable[[Path], Any] | None = None
+) -> int:
+    """``profile lut`` for arguments parsed by :func:`slimline.export.profile_cli.add_profile_arguments`.
+
+    ``load_space`` reads a search space file; the ``slimline`` CLI passes
+    :func:`slimline.search.space.load_space`. Without it (``python -m slimline.export`` on a
+    device) only blocks folders are accepted: this package sits below the search code.
+    """
     if len(args.models) != 2:
         return _fail("usage: slimline profile lut SPACE.yaml|BLOCKS_DIR -o lut.json")
     not_for_lut = {
@@ -56,7 +65,7 @@ def run_lut_command(args: argparse.Namespace) -> int:
             blocks_dir = target
         else:
             blocks_dir = args.blocks_dir or Path(scratch)
-            status = _export(target, blocks_dir, args.batch_sizes[0])
+            status = _export(target, blocks_dir, args.batch_sizes[0], load_space)
             if status:
                 return status
             if args.export_only:
@@ -103,10 +112,15 @@ def summary(table: LatencyTable, path: Path | str) -> str:
     )
 
 
-def _export(space_file: Path, blocks_dir: Path, batch_size: int) -> int:
+def _export(space_file: Path, blocks_dir: Path, batch_size: int,
+            load_space: Callable[[Path], Any] | None) -> int:
+    if load_space is None:
+        return _fail(
+            f"{space_file} is a search space: exporting its blocks needs the full slimline "
+            f"(`slimline profile lut {space_file} --blocks-dir DIR --export-only` on a host "
+            "with torch); here give the blocks folder"
+        )
     try:
-        from slimline.search.space import load_space
-
         space = load_space(space_file)
     except (OSError, ValueError) as exc:
         return _fail(str(exc))

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +115,15 @@ def main_profile(argv: list[str] | None = None) -> int:
     return run_profile_command(args)
 
 
-def run_profile_command(args: argparse.Namespace) -> int:
-    """Body of ``slimline profile`` for arguments parsed by :func:`add_profile_arguments`."""
+def run_profile_command(
+    args: argparse.Namespace, *, load_space: Callable[[Path], Any] | None = None
+) -> int:
+    """Body of ``slimline profile`` for arguments parsed by :func:`add_profile_arguments`;
+    ``load_space`` is for ``profile lut SPACE.yaml`` (see :func:`.lut_cli.run_lut_command`)."""
     if args.models[0] == "lut":
         from .lut_cli import run_lut_command
 
-        return run_lut_command(args)
+        return run_lut_command(args, load_space=load_space)
     lut_only = [f"--{n}" for n in ("blocks_dir", "export_only") if getattr(args, n, None)]
     if lut_only:
         flags = ", ".join(lut_only).replace("_", "-")

@@ -40,7 +40,7 @@ __all__ = [
 
 WeightKernel = Literal["gemm", "depthwise"]
 
-FULL_RANGE_LEVEL = 127
+FULL_RANGE_LEVEL = 128  # int8 holds [-128, 127]: no limit
 # |level| <= 64 keeps VPMADDUBSW's pair sums inside int16: 255 * 64 * 2 = 32640 <= 32767.
 SATURATION_SAFE_LEVEL = 64
 _X86_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")

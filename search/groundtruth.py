@@ -205,7 +205,7 @@ def measure_architecture(
 
     Each seed initialises the model with ``torch.manual_seed(seed)`` and shuffles with it, so the
     vanilla and the distilled run of a seed start from the same weights."""
-    from slimline.search.distill_losses import distillation_loss_fn
+    from slimline.search.distill import distillation_loss_fn
 
     started = time.perf_counter()
     model = space.build_model(arch)
@@ -303,7 +303,7 @@ def build_groundtruth(
     file made with other settings is started over. ``shard=(i, n)`` trains only every n-th
     architecture from the i-th into ``<out stem>.shard<i>of<n>.json`` (parallel workers); a
     final unsharded run merges the shards into ``out`` and deletes them."""
-    from slimline.runner import versions
+    from slimline.versions import versions
 
     out = Path(out)
     part, parts = shard

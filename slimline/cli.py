@@ -123,7 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_search_worker(args: argparse.Namespace) -> int:
     from slimline.search.study import StudyStorageError
-    from slimline.search.worker import run_search_worker
+    from slimline.search_worker import run_search_worker
 
     try:
         result = run_search_worker(args.recipe, stage_id=args.stage, storage=args.storage,
@@ -205,7 +205,12 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from slimline.export.profile_cli import run_profile_command
 
-    return run_profile_command(args)
+    def load_space(path: object) -> object:  # search sits above export: handed down
+        from slimline.search.space import load_space
+
+        return load_space(path)
+
+    return run_profile_command(args, load_space=load_space)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ COLUMNS = ("stage", "uses", "status", "time (s)", "params", "non-zero", "accurac
 
 def write_report(result: RunResult) -> tuple[Path, Path]:
     """Write both files atomically into the run directory and return their paths."""
-    from slimline.runner import versions
+    from slimline.versions import versions
 
     points = model_points(result.records)
     plot_path = plot_accuracy_latency(points, result.run_dir / "report.png")

@@ -23,12 +23,9 @@ import fcntl
 import inspect
 import logging
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +48,7 @@ from slimline.export.target import Target, resolve_target
 from slimline.io import canonical_json, read_json, sha256_file, sha256_text, write_json
 from slimline.recipe import Recipe, check_target, load_recipe
 from slimline.stage import StageContext, StageFailed, seed_everything
+from slimline.versions import versions
 
 log = logging.getLogger("slimline")
 
@@ -115,7 +113,7 @@ def run(recipe: str | Path | dict | Recipe, *, run_dir: str | Path | None = None
         forced |= ({s.id for s in plan.stages} if stage_id == "all"
                    else plan.descendants(_known(plan, stage_id)))
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / recipe.name
-    dataset = _load_data(recipe)
+    dataset = load_recipe_data(recipe)
     source = _source_artifact(recipe, dataset)
     source_key = sha256_text(canonical_json({
         "model": source.model_spec, "checkpoint": source.state.get("checkpoint_sha256"),
@@ -147,7 +145,8 @@ def _known(plan: Plan, stage_id: str) -> str:
     return stage_id
 
 
-def _load_data(recipe: Recipe) -> Dataset:
+def load_recipe_data(recipe: Recipe) -> Dataset:
+    """The recipe's dataset; a :class:`RecipeError` at ``data`` when it cannot be loaded."""
     spec = recipe.data
     try:
         return load_dataset(spec.get("name"), factory=spec.get("factory"), **spec["with"])
@@ -341,13 +340,16 @@ def _call_stage(stage: PlannedStage, context: StageContext, inputs: list[Artifac
 
 
 def _innermost_frame(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "/slimline/" in f.filename or "/compress/" in f.filename
-            or "/export/" in f.filename or "/search/" in f.filename]
-    if not ours:
-        return ""
-    frame = ours[-1]
-    return f" (at {Path(frame.filename).name}:{frame.lineno})"
+    """`` (at udfc.py:149)``: the deepest frame that runs slimline's own code, found by the
+    module name of each frame (``slimline`` and its subpackages), not by file paths."""
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        if module == "slimline" or module.startswith("slimline."):
+            where = f" (at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
 
 
 def _finish_artifact(output: Artifact, first_input: Artifact, stage_id: str, uses: str) -> None:
@@ -369,15 +371,6 @@ def _headline(metrics: dict[str, Any]) -> str:
         if isinstance(metrics.get(key), (int, float)):
             shown.append(f"{key}={metrics[key]:.4g}")
     return f" ({', '.join(shown)})" if shown else ""
-
-
-def versions() -> dict[str, str]:
-    found = {"slimline": __version__, "python": sys.version.split()[0],
-             "platform": platform.platform()}
-    for module in ("torch", "numpy", "onnx", "onnxruntime", "optuna", "numba"):
-        with contextlib.suppress(Exception):
-            found[module] = __import__(module).__version__
-    return found
 
 
 def _write_run_json(result: RunResult) -> None:

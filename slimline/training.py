@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimline.compress.prune import apply_masks
 from slimline.data import Dataset
 from slimline.evaluation import accuracy, predict
+from slimline.masks import apply_masks
 from slimline.params import ParamError, check_range, param
 from slimline.progress import Progress
 

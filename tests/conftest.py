@@ -6,7 +6,12 @@ import copy
 import os
 
 import pytest
-import torch
+
+# One thread everywhere, subprocesses (CLI, workers, torchrun) included: on a loaded 2-core
+# machine OpenMP threads that spin at barriers make training tens of times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS: it is read when torch starts its pool)
 
 # Tests must not depend on (or fill) the user's cache.
 os.environ.setdefault("SLIMLINE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache",

@@ -100,14 +100,14 @@ def test_each_target_limits_gemm_weights_exactly_when_its_kernels_saturate(name)
     target = resolve_target(name)
     scheme = target.scheme
     assert scheme.activation_dtype == "uint8"
-    assert scheme.weight_level("depthwise") == 127  # int32 depthwise kernels everywhere
+    assert scheme.weight_level("depthwise") == 128  # int32 depthwise kernels: no limit
     if target.saturates_u8s8:
         # 255 * 64 * 2 = 32640 fits int16; one level more (65) would not: 33150 > 32767.
         assert scheme.weight_level("gemm") == 64 and scheme.reduce_range
         assert 255 * 64 * 2 <= 32767 < 255 * 65 * 2
         assert "VPMADDUBSW" in scheme.reason
     else:
-        assert scheme.weight_level("gemm") == 127 and not scheme.reduce_range
+        assert scheme.weight_level("gemm") == 128 and not scheme.reduce_range
     assert json.loads(json.dumps(target.to_dict()))["scheme"]["target"] == name
 
 
@@ -120,7 +120,8 @@ def test_auto_is_this_machine_and_unknown_names_list_the_known_ones():
 @pytest.mark.parametrize(
     ("bits", "level", "grid", "expected"),
     [
-        (8, 127, "symmetric", 8),
+        (8, 128, "symmetric", 8),
+        (8, 128, "affine", 8),
         (8, 64, "symmetric", 7),  # +-63
         (8, 64, "affine", 7),  # [-64, 63]
         (7, 64, "odd", 6),  # StatsQ's odd levels +-63
@@ -272,3 +273,25 @@ def test_int8_warnings_name_the_fix_for_a_file_made_for_another_cpu(trained, dig
     messages = int8_warnings(safe_path, machine=AVX2_MACHINE)
     assert not any("WRONG" in m for m in messages)
     assert any("within that range" in m for m in messages)  # the speed warning stays
+
+
+@pytest.mark.parametrize(("quantizer", "bits", "limit_bits"), [("lsq", 8, 7), ("statsq", 7, 6)])
+@pytest.mark.parametrize("name", ["x86-avx2", "x86-vnni"])
+def test_qat_trains_and_exports_on_the_target_grid(quantizer, bits, limit_bits, name):
+    from slimline.compress.quant.qat.model import QATConfig, QATController
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    controller = QATController(model, QATConfig(weight_quantizer=quantizer, weight_bits=bits,
+                                                activation_bits=8, skip=None, target=name))
+    controller.install(torch.randn(32, 8))
+    expected = limit_bits if resolve_target(name).saturates_u8s8 else bits
+    assert {q.bits for m in controller.layers.values()
+            for q in [m.parametrizations.weight[0]]} == {expected}
+    state = controller.finish()
+    assert state.info["target"] == name and state.info["weight_bits_used"] == [expected]
+    level = resolve_target(name).scheme.weight_level("gemm")
+    for spec in state.weights.values():
+        assert max(-spec.qmin, spec.qmax) <= level
+        assert spec.on_grid(dict(model.named_parameters())[
+            next(k for k in state.weights if state.weights[k] is spec)])

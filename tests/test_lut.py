@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from slimline.cli import main as slimline_main
 from slimline.export import main_profile
 from slimline.export.lut import LatencyTable, LutEntry, LutError, interleaved_timings
 from slimline.export.lut_blocks import export_block
@@ -45,7 +46,7 @@ def built_lut(tmp_path_factory) -> tuple[Path, Path]:
     space_file.write_text(json.dumps(TINY_SPACE))  # JSON is YAML
     argv = ["lut", str(space_file), "-o", str(folder / "lut.json"), "--blocks-dir"]
     argv += [str(folder / "blocks"), "--runs", "100", "--rounds", "5", "--warmup", "5"]
-    assert main_profile(argv) == 0
+    assert slimline_main(["profile", *argv]) == 0
     return folder / "lut.json", folder / "blocks"
 
 
@@ -177,10 +178,20 @@ def test_lut_cli_bad_input_exits_2_and_writes_nothing(argv, match, tmp_path, cap
         "space": tmp_path / "space.yaml",
         "out": tmp_path / "lut.json",
     }
-    assert main_profile([a.format(**names) for a in argv]) == 2
+    assert slimline_main(["profile", *[a.format(**names) for a in argv]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("slimline profile lut: error:") and match in err[-1]
     assert not (tmp_path / "lut.json").exists()
+
+
+def test_the_torch_free_entry_takes_blocks_folders_not_spaces(tmp_path, capsys):
+    """``python -m slimline.export lut`` sits below the search code: a space file is refused
+    with the command that exports its blocks."""
+    (tmp_path / "space.yaml").write_text(json.dumps(TINY_SPACE))
+    assert main_profile(["lut", str(tmp_path / "space.yaml"), "-o", str(tmp_path / "l.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is a search space" in err and "--export-only" in err
+    assert not (tmp_path / "l.json").exists()
 
 
 def test_lut_from_a_blocks_folder_measures_without_torch(built_lut, tmp_path):

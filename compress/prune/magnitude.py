@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from slimline.masks import apply_masks  # re-exported: pruners hand out masks
+
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GRU, nn.LSTM, nn.RNN)
 
 
@@ -73,16 +75,6 @@ def magnitude_masks(model: nn.Module, sparsity: float,
         masks[name] = keep[offset : offset + weight.numel()].view_as(weight).clone()
         offset += weight.numel()
     return masks
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place (masks map parameter names to keep-masks)."""
-    parameters = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in parameters:
-            raise KeyError(f"mask for {name!r}, but the model has no such parameter")
-        parameters[name].mul_(mask.to(parameters[name].dtype))
 
 
 def layer_sparsity(model: nn.Module, names: list[str] | None = None) -> dict[str, float]:

@@ -23,7 +23,8 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from slimline.compress.prune.magnitude import apply_masks, prunable_weights
+from slimline.compress.prune.magnitude import prunable_weights
+from slimline.masks import apply_masks
 
 OnIndivisible = Literal["error", "skip"]
 

@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from slimline.compress.prune.magnitude import apply_masks, magnitude_masks, prunable_weights
+from slimline.compress.prune.magnitude import magnitude_masks, prunable_weights
 from slimline.compress.prune.nm import _from_groups, _to_groups, check_pattern, nm_mask
+from slimline.masks import apply_masks
 
 __all__ = ["PDPMask", "PDPPruner", "pdp_soft_mask", "pdp_threshold", "nm_thresholds"]
 
