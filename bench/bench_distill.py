@@ -24,7 +24,7 @@ from slimline.compress.prune.flops import count_params
 from slimline.data import Dataset, load_dataset
 from slimline.evaluation import accuracy, predict
 from slimline.models import build_model
-from slimline.search.distill import DistillConfig, make_distill_loss
+from slimline.search.distill import DistillLossConfig, make_distill_loss
 from slimline.training import TrainParams, fit
 
 # dataset -> (teacher spec, student spec, layer tapped by hints in both models)
@@ -35,7 +35,7 @@ SETUPS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
                 {"name": "cnn1d", "channels": [8, 16, 16]}, "features"),
 }
 
-# method -> DistillConfig keywords (None: plain cross-entropy)
+# method -> DistillLossConfig keywords (None: plain cross-entropy)
 METHODS: dict[str, dict[str, Any] | None] = {
     "ce": None,
     "kd": {"loss": "kd", "temperature": 4.0},
@@ -67,7 +67,7 @@ def train_student(method: str, teacher: torch.nn.Module, data: Dataset, spec: di
     else:
         if options["loss"] == "hint":
             options = {**options, "student_layer": layer, "teacher_layer": layer}
-        loss = make_distill_loss(DistillConfig(**options), teacher, student, data.x_train[:8])
+        loss = make_distill_loss(DistillLossConfig(**options), teacher, student, data.x_train[:8])
         fit(loss.trainee, data, params, seed=seed, loss_fn=loss)
     seconds = time.perf_counter() - started
     logits, teacher_logits = predict(student, data.x_test), predict(teacher, data.x_test)

@@ -50,7 +50,7 @@ from slimline.data import load_dataset
 from slimline.export.int8numerics import exact_on
 from slimline.export.latency import profile_onnx
 from slimline.export.machine import machine_info
-from slimline.export.qdq import FLOAT_KERNEL_OPS, INT8_KERNEL_OPS, ort_optimized_op_counts
+from slimline.export.qdq_inspect import FLOAT_KERNEL_OPS, INT8_KERNEL_OPS, ort_optimized_op_counts
 from slimline.export.target import resolve_target
 from slimline.runner import RunResult
 

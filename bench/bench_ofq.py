@@ -24,10 +24,10 @@ import time
 import torch
 
 from bench.common import OUT, markdown_table, save
+from slimline.compress.quant.qat.training import QATConfig, train_qat
 from slimline.data import load_dataset
 from slimline.evaluation import accuracy, predict
 from slimline.models import build_model
-from slimline.stages.quant_qat import QATParams, train_qat
 from slimline.training import TrainParams, fit
 
 METHODS = {
@@ -116,7 +116,7 @@ def main() -> None:
                 model = copy.deepcopy(dense)
                 torch.manual_seed(seed)
                 start = time.perf_counter()
-                p = QATParams(
+                p = QATConfig(
                     weight_bits=bits,
                     activation_bits=bits,
                     epochs=args.epochs,

@@ -21,10 +21,10 @@ import torch
 from bench.common import markdown_table, save
 from slimline.compress.prune.magnitude import apply_masks, magnitude_masks
 from slimline.compress.prune.nm import nm_masks
+from slimline.compress.prune.pdp import PDPConfig, train_pdp
 from slimline.data import load_dataset
 from slimline.evaluation import accuracy, predict
 from slimline.models import build_model
-from slimline.stages.prune_pdp import PDPParams, train_pdp
 from slimline.training import TrainParams, fit
 
 SETUPS = [("resnet", "digits", {"depth": 8, "width": 16}), ("cnn1d", "mnist1d", {})]
@@ -66,10 +66,10 @@ def one_shot(model, data, target: str, epochs: int, seed: int) -> None:
 
 def pdp(model, data, target: str, epochs: int, warmup: int, seed: int, tau: float) -> None:
     if target == "2:4":
-        p = PDPParams(method="nm", n=2, m=4, epochs=epochs, warmup_epochs=warmup, tau=tau)
+        p = PDPConfig(method="nm", n=2, m=4, epochs=epochs, warmup_epochs=warmup, tau=tau)
     else:
         sparsity = float(target)
-        p = PDPParams(
+        p = PDPConfig(
             sparsity=sparsity,
             epochs=epochs,
             warmup_epochs=warmup,

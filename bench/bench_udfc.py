@@ -41,7 +41,8 @@ from slimline.compress.prune.datafree_sites import (
 from slimline.compress.prune.layer_chains import forward_layer_order
 from slimline.compress.prune.neuron_merging import merge_scales, prune_sites, select_site_channels
 from slimline.compress.quant.datafree import quantize_datafree
-from slimline.compress.quant.udfc import pruning_scales, udfc_compress
+from slimline.compress.quant.udfc import udfc_compress
+from slimline.compress.quant.udfc_scales import pruning_scales
 from slimline.evaluation import accuracy, predict
 
 REFERENCES = {  # name -> (model spec, dataset, epochs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,6 @@ __all__ = [
     "graph_summary",
     "load_model",
     "quant_format",
-    "random_inputs",
 ]
 
 # Initializer types whose literal zeros we count as pruned weights. Integer (quantized) weights
@@ -66,8 +65,6 @@ QOPERATOR_OPS = frozenset(
 DYNAMIC_QUANT_OPS = frozenset(
     {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"}
 )
-
-_RANDOM_DTYPES = frozenset({"float32", "float16", "float64", "int64", "int32", "bool"})
 
 
 class OnnxFileError(ValueError):
@@ -251,73 +248,6 @@ def quant_format(op_counts: Mapping[str, int]) -> str:
     if types & DYNAMIC_QUANT_OPS:
         return "dynamic"
     return "float"
-
-
-def random_inputs(
-    inputs: Sequence[TensorInfo],
-    batch_size: int,
-    *,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    rng: np.random.Generator | None = None,
-) -> dict[str, np.ndarray]:
-    """Random feeds for ``inputs`` (e.g. ``graph_summary(p).inputs``) at ``batch_size``.
-
-    A dynamic dimension 0 becomes ``batch_size``; any other dynamic dimension is read from
-    ``input_shapes`` (a full shape per input name; its dimension 0 is ignored when dynamic).
-    Floats are standard normal; integers are 0/1 so they are valid indices into any embedding.
-
-    Raises:
-        ValueError: a shape cannot be determined, contradicts the model, or has an unsupported
-            dtype; the message names the input and dimension.
-    """
-    input_shapes = dict(input_shapes or {})
-    rng = rng if rng is not None else np.random.default_rng(0)
-    unknown = set(input_shapes) - {info.name for info in inputs}
-    if unknown:
-        known = [info.name for info in inputs]
-        raise ValueError(f"input_shapes names {sorted(unknown)} are not model inputs {known}")
-    feeds = {}
-    for info in inputs:
-        shape = _concrete_shape(info, batch_size, input_shapes.get(info.name))
-        if info.dtype not in _RANDOM_DTYPES:
-            supported = ", ".join(sorted(_RANDOM_DTYPES))
-            raise ValueError(f"input {info.name!r} has dtype {info.dtype} (supported: {supported})")
-        if info.dtype.startswith("float"):
-            feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
-        else:
-            feeds[info.name] = rng.integers(0, 2, size=shape).astype(info.dtype)
-    return feeds
-
-
-def _concrete_shape(info: TensorInfo, batch_size: int, given: Sequence[int] | None) -> list[int]:
-    name, dims = info.name, info.shape
-    if given is not None and len(given) != len(dims):
-        raise ValueError(f"input_shapes[{name!r}] has {len(given)} dims, the input has {len(dims)}")
-    shape = []
-    for axis, dim in enumerate(dims):
-        if isinstance(dim, int) and dim > 0:  # fixed by the model
-            if axis == 0 and dim != batch_size:
-                raise ValueError(
-                    f"input {name!r} has a fixed batch dimension of {dim}, so batch size "
-                    f"{batch_size} cannot be used; re-export with a dynamic batch dimension"
-                )
-            if axis > 0 and given is not None and given[axis] != dim:
-                raise ValueError(
-                    f"input_shapes[{name!r}] sets dim {axis} to {given[axis]}, "
-                    f"but the model fixes it to {dim}"
-                )
-            shape.append(dim)
-        elif axis == 0:
-            shape.append(batch_size)
-        elif given is not None and given[axis] > 0:
-            shape.append(int(given[axis]))
-        else:
-            label = f" ({dim!r})" if isinstance(dim, str) else ""
-            raise ValueError(
-                f"input {name!r} dim {axis}{label} is dynamic; give its size with "
-                f"input_shapes={{{name!r}: [...]}} (CLI: --input-shape {name}=...)"
-            )
-    return shape
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -18,7 +18,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .compare import compare_table
-from .graph import OnnxFileError, TensorInfo, graph_summary, random_inputs
+from .feeds import random_inputs
+from .graph import OnnxFileError, TensorInfo, graph_summary
 from .int8check import Int8Warning, int8_warnings
 from .machine import machine_info
 from .opprofile import OpProfile, profile_ops
@@ -170,7 +171,7 @@ def profile_onnx(
     """Measure ONNX Runtime latency of the model at ``path`` for each batch size.
 
     Inputs are random tensors from the model's input metadata (see
-    :func:`slimline.export.graph.random_inputs`): a dynamic dimension 0 is the batch size; other dynamic
+    :func:`slimline.export.feeds.random_inputs`): a dynamic dimension 0 is the batch size; other dynamic
     dimensions must be given by ``input_shapes``.
 
     Each batch size gets ``warmup`` untimed runs, then ``runs`` timed runs, or, with

@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,9 +26,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from slimline.params import ParamError, param
+
 from .graph import (
     GraphSummary,
-    OnnxFileError,
     TensorInfo,
     atomic_write_bytes,
     graph_summary,
@@ -37,9 +38,8 @@ from .graph import (
 from .target import Target, resolve_target
 
 __all__ = [
+    "OrtQuantizeConfig",
     "QuantizationError",
-    "QuantEvaluation",
-    "compare_onnx_models",
     "ort_quantize",
 ]
 
@@ -52,27 +52,6 @@ _DYNAMIC_DEFAULT_OPS = ("MatMul", "Gemm", "Attention", "LSTM", "GRU")
 
 class QuantizationError(ValueError):
     """The model cannot be quantized as asked; the message names the file and the reason."""
-
-
-@dataclass(frozen=True)
-class QuantEvaluation:
-    """An int8 ONNX model against its fp32 original on the same inputs (both run by ORT).
-
-    ``max_abs_error`` is the largest |int8 logit - fp32 logit| (``mean_abs_error`` its mean);
-    ``max_rel_error`` divides it by the largest |fp32 logit|. ``accuracy``/``fp32_accuracy``
-    are ``None`` without labels.
-    """
-
-    samples: int
-    top1_agreement: float
-    max_abs_error: float
-    mean_abs_error: float
-    max_rel_error: float
-    accuracy: float | None = None
-    fp32_accuracy: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def ort_quantize(
@@ -144,7 +123,7 @@ def ort_quantize(
                 )
             except Exception as exc:  # ORT raises plain Exceptions with its own text
                 raise QuantizationError(
-                    f"{source}: onnxruntime's quantization pre-processing failed: {_first(exc)} "
+                    f"{source}: onnxruntime's quantization pre-processing failed: {first_error_line(exc)} "
                     "(try preprocess=False)"
                 ) from exc
         quantized = Path(tmp) / "quantized.onnx"
@@ -176,7 +155,7 @@ def ort_quantize(
             raise
         except Exception as exc:
             raise QuantizationError(
-                f"{source}: onnxruntime {mode} quantization failed: {_first(exc)}"
+                f"{source}: onnxruntime {mode} quantization failed: {first_error_line(exc)}"
             ) from exc
         _check_result(source, quantized, mode, feeds)
         model = load_model(quantized)
@@ -187,45 +166,45 @@ def ort_quantize(
     return atomic_write_bytes(out, data)
 
 
-def compare_onnx_models(
-    fp32_path: str | os.PathLike,
-    int8_path: str | os.PathLike,
-    inputs: np.ndarray,
-    labels: np.ndarray | None = None,
-    *,
-    batch_size: int = 256,
-    int8_reference: bool = False,
-) -> QuantEvaluation:
-    """Run both single-input classifiers on ``inputs`` with onnxruntime and compare the logits.
+# --- the export.ort_quantize method ---------------------------------------------------------
 
-    Sessions use one thread: the numbers must not depend on the machine's load.
-    ``int8_reference`` runs the int8 file without graph optimizations (its QDQ semantics, not
-    this CPU's fused integer kernels): for a file made for another CPU than this one.
-    """
-    if len(inputs) == 0:
-        raise ValueError("compare_onnx_models needs at least one input sample")
-    reference = _predict(Path(fp32_path), inputs, batch_size)
-    candidate = _predict(Path(int8_path), inputs, batch_size, optimize=not int8_reference)
-    if reference.shape != candidate.shape:
-        raise ValueError(
-            f"{int8_path} outputs shape {candidate.shape}, {fp32_path} outputs {reference.shape}"
-        )
-    error = np.abs(candidate.astype(np.float64) - reference)
-    scale = float(np.abs(reference).max()) or 1.0
-    accuracy = fp32_accuracy = None
-    if labels is not None:
-        labels = np.asarray(labels)
-        accuracy = float((candidate.argmax(-1) == labels).mean())
-        fp32_accuracy = float((reference.argmax(-1) == labels).mean())
-    return QuantEvaluation(
-        samples=len(inputs),
-        top1_agreement=float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
-        max_abs_error=float(error.max()),
-        mean_abs_error=float(error.mean()),
-        max_rel_error=float(error.max()) / scale,
-        accuracy=accuracy,
-        fp32_accuracy=fp32_accuracy,
+
+@dataclass
+class OrtQuantizeConfig:
+    """onnxruntime.quantization's int8 PTQ (the baseline): static QDQ calibrated on training
+    inputs, or dynamic."""
+
+    mode: Literal["static", "dynamic"] = param(
+        "static", help="static: QDQ with calibrated activations; dynamic: Linear/attention only"
     )
+    per_channel: bool = param(True, help="one weight scale per output channel")
+    activation_type: Literal["uint8", "int8"] = param(
+        "uint8", help="uint8 (U8S8) is what onnxruntime's x86 kernels fuse; int8 may run unfused"
+    )
+    weight_type: Literal["int8", "uint8"] = param("int8", help="weight integer type")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = param(
+        "minmax", help="how activation ranges are chosen from the calibration data"
+    )
+    calibration_samples: int = param(256, help="training inputs used to calibrate (static)")
+    calibration_seed: int | None = param(None, help="which samples (default: the recipe seed)")
+    reduce_range: bool | None = param(
+        None,
+        help="7-bit weights, which CPUs without VNNI need for exact u8s8 results; default: "
+        "what the recipe's target needs",
+    )
+    split: Literal["test", "val"] = param("test", help="split the int8 model is scored on")
+    batch_size: int = param(256, help="samples per onnxruntime call when scoring")
+    filename: str = param("model.int8.onnx", help="name of the int8 file in the stage directory")
+
+    def __post_init__(self) -> None:
+        if self.calibration_samples < 1:
+            raise ParamError("calibration_samples", "must be at least 1")
+        if self.batch_size < 1:
+            raise ParamError("batch_size", "must be at least 1")
+        if "/" in self.filename or not self.filename.endswith(".onnx"):
+            raise ParamError(
+                "filename", f"expected a plain name ending in .onnx, got {self.filename!r}"
+            )
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -349,7 +328,7 @@ def _check_result(
             session.run(None, {name: array[:1] for name, array in feeds.items()})
     except Exception as exc:
         raise QuantizationError(
-            f"{source}: the quantized model does not run in onnxruntime: {_first(exc)}"
+            f"{source}: the quantized model does not run in onnxruntime: {first_error_line(exc)}"
         ) from exc
 
 
@@ -380,34 +359,6 @@ class _ArrayReader:
         return max(1, self.count // self.batch_size)
 
 
-def _predict(path: Path, inputs: np.ndarray, batch_size: int, optimize: bool = True
-             ) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {path}")
-    load_model(path)  # OnnxFileError with a clear message for a non-ONNX file
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-    except Exception as exc:
-        raise OnnxFileError(f"{path}: onnxruntime cannot load this model: {_first(exc)}") from exc
-    signature = session.get_inputs()
-    if len(signature) != 1:
-        raise ValueError(f"{path} has {len(signature)} inputs; only single-input models compare")
-    name = signature[0].name
-    data = np.asarray(inputs, dtype=np.float32)
-    outputs = [
-        session.run(None, {name: data[start : start + batch_size]})[0]
-        for start in range(0, len(data), batch_size)
-    ]
-    return np.concatenate(outputs).astype(np.float64)
-
-
 @contextlib.contextmanager
 def _quiet_quantizer() -> Iterator[None]:
     """The quantizer logs INFO/WARNING chatter ("Please consider pre-processing ...") through
@@ -422,6 +373,7 @@ def _quiet_quantizer() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _first(exc: BaseException) -> str:
+def first_error_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception (onnxruntime puts its whole log in one)."""
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[0][:300] if lines else type(exc).__name__

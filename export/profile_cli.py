@@ -198,7 +198,7 @@ def _verify_int8(paths: list[Path], args: argparse.Namespace) -> bool | str:
     ``--inputs``."""
     import numpy as np
 
-    from .graph import random_inputs
+    from .feeds import random_inputs
     from .int8numerics import explain_int8_mismatch, first_divergence
     from .machine import machine_info
 

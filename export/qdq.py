@@ -15,17 +15,15 @@ QLinearAdd):
    the grid ``scale_x * scale_w`` with its own DequantizeLinear (the fused kernels add it to the
    int32 accumulator; a float bias would block the fusion).
 
-Torch-free (onnx + numpy; onnxruntime only for :func:`ort_optimized_op_counts`).
+Torch-free (onnx + numpy). Reading a QDQ file back, and what onnxruntime makes of it, is
+:mod:`slimline.export.qdq_inspect`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,39 +32,14 @@ from onnx import helper, numpy_helper
 
 from .graph import atomic_write_bytes, load_model
 
-__all__ = [
-    "FLOAT_KERNEL_OPS",
-    "INT8_KERNEL_OPS",
-    "QDQError",
-    "QDQSummary",
-    "finalize_qdq",
-    "ort_optimized_op_counts",
-    "qdq_summary",
-    "write_qdq",
-]
-
-# Ops in ONNX Runtime's optimized graph that compute in integers ("com.microsoft." = contrib).
-_CONTRIB_INT8 = ("QLinearConv", "QLinearAdd", "QLinearMul", "QGemm", "MatMulIntegerToFloat",
-                 "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
-                 "QLinearSoftmax", "QLinearSigmoid", "QLinearLeakyRelu", "QAttention",
-                 "DynamicQuantizeMatMul")  # fmt: skip
-INT8_KERNEL_OPS = frozenset(
-    {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
-    | {f"com.microsoft.{op}" for op in _CONTRIB_INT8}
-)
-# Ops that do the heavy lifting in float: what is left unfused.
-FLOAT_KERNEL_OPS = frozenset(
-    {"Conv", "Gemm", "MatMul", "com.microsoft.nchwc.Conv"}
-    | {f"com.microsoft.{op}" for op in ("FusedConv", "FusedGemm", "FusedMatMul")}
-)
-
+__all__ = ["QDQError", "finalize_qdq", "write_qdq"]
 
 class QDQError(ValueError):
     """The graph is not the quantize/dequantize graph the rewrite expects (names the node)."""
 
 
 @dataclass
-class _Graph:
+class QDQGraph:
     """Lookup tables over a graph that the rewrite keeps up to date."""
 
     graph: onnx.GraphProto
@@ -141,7 +114,7 @@ def _quantize(
     return np.clip(q, info.min, info.max).astype(dtype)
 
 
-def _axis(node: onnx.NodeProto, default: int = 1) -> int:
+def node_axis(node: onnx.NodeProto, default: int = 1) -> int:
     return next((a.i for a in node.attribute if a.name == "axis"), default)
 
 
@@ -161,7 +134,7 @@ def _int_name(name: str) -> str:
     return f"{name}_quantized"
 
 
-def _fold_constant_quantize(g: _Graph) -> int:
+def _fold_constant_quantize(g: QDQGraph) -> int:
     """Step 1: ``initializer -> QuantizeLinear (-> Clip)`` becomes an integer initializer."""
     folded = 0
     for node in [n for n in g.graph.node if n.op_type == "QuantizeLinear"]:
@@ -177,7 +150,7 @@ def _fold_constant_quantize(g: _Graph) -> int:
                 f"QuantizeLinear {node.name or node.output[0]!r}: non-constant scale "
                 "or zero point on a constant weight"
             )
-        q = _quantize(x, scale, zero_point, _axis(node), zero_point.dtype.type)
+        q = _quantize(x, scale, zero_point, node_axis(node), zero_point.dtype.type)
         output, removed = node.output[0], [node]
         users = g.consumers(output)
         if len(users) == 1 and users[0].op_type == "Clip":
@@ -197,7 +170,7 @@ def _fold_constant_quantize(g: _Graph) -> int:
     return folded
 
 
-def _fold_weight_transposes(g: _Graph) -> int:
+def _fold_weight_transposes(g: QDQGraph) -> int:
     """Step 2: ``int initializer -> DQ -> Transpose`` becomes ``transposed initializer -> DQ``."""
     folded = 0
     for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear"]:
@@ -217,7 +190,7 @@ def _fold_weight_transposes(g: _Graph) -> int:
         g.inits[dq.input[0]].CopyFrom(numpy_helper.from_array(np.transpose(q, perm), dq.input[0]))
         scale = g.const(dq.input[1])
         if scale is not None and scale.ndim:  # per-axis: the channel axis moves with the data
-            _set_axis(dq, perm.index(_axis(dq) % q.ndim))
+            _set_axis(dq, perm.index(node_axis(dq) % q.ndim))
         g.remove_node(transpose)
         g.rename_input(transpose.output[0], dq.output[0])
         g.forget_shape(dq.output[0])  # its recorded shape is the untransposed one
@@ -225,7 +198,7 @@ def _fold_weight_transposes(g: _Graph) -> int:
     return folded
 
 
-def _quantize_biases(g: _Graph) -> tuple[int, float]:
+def _quantize_biases(g: QDQGraph) -> tuple[int, float]:
     """Step 3: float Conv/Gemm biases -> int32 on ``scale_x * scale_w`` + DequantizeLinear."""
     count, worst = 0, 0.0
     for node in [n for n in g.graph.node if n.op_type in ("Conv", "Gemm")]:
@@ -280,7 +253,7 @@ def finalize_qdq(model: onnx.ModelProto) -> dict[str, Any]:
     Returns counts of what was done and ``bias_max_error``, the largest difference between a
     float bias and its int32 value (0 when the PyTorch side put the biases on that grid).
     """
-    g = _Graph(model.graph)
+    g = QDQGraph(model.graph)
     weights = _fold_constant_quantize(g)
     transposes = _fold_weight_transposes(g)
     biases, bias_error = _quantize_biases(g)
@@ -321,124 +294,3 @@ def write_qdq(
 
 def _props(model: onnx.ModelProto) -> dict[str, str]:
     return {prop.key: prop.value for prop in model.metadata_props}
-
-
-# ---- inspection -----------------------------------------------------------------------------
-
-
-@dataclass
-class QDQSummary:
-    """What is quantized in a QDQ model.
-
-    ``activations``: one entry per QuantizeLinear on a computed tensor (input tensor name, scale,
-    zero point, dtype). ``weights``: one entry per integer initializer read by a
-    DequantizeLinear (shape, axis, scales, zero points, number of distinct levels, zeros — a
-    level equal to the zero point — and the integer min/max). ``weight_sparsity`` is zeros over
-    all integer weight values of rank >= 2. ``float_weights`` lists float initializers of rank
-    >= 2 still read directly by Conv/Gemm/MatMul (layers left in float).
-    """
-
-    quantize_nodes: int
-    dequantize_nodes: int
-    activations: list[dict[str, Any]]
-    weights: dict[str, dict[str, Any]]
-    int32_biases: int
-    weight_sparsity: float
-    float_weights: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def qdq_summary(model: onnx.ModelProto | str | os.PathLike) -> QDQSummary:
-    """Summarise the QDQ structure of ``model`` (a proto or a path)."""
-    if not isinstance(model, onnx.ModelProto):
-        model = load_model(model)
-    g = _Graph(model.graph)
-    activations, weights, biases = [], {}, 0
-    zeros = total = 0
-    for node in g.graph.node:
-        if node.op_type == "QuantizeLinear" and g.const(node.input[0]) is None:
-            scale, zero_point = g.const(node.input[1]), g.const(node.input[2])
-            activations.append(
-                {
-                    "tensor": node.input[0],
-                    "scale": scale.tolist(),
-                    "zero_point": zero_point.tolist(),
-                    "dtype": str(zero_point.dtype),
-                }
-            )
-        if node.op_type == "DequantizeLinear" and node.input[0] in g.inits:
-            q = numpy_helper.to_array(g.inits[node.input[0]])
-            if q.dtype == np.int32:
-                biases += 1
-                continue
-            zero_point = g.const(node.input[2]) if len(node.input) > 2 else np.zeros((), q.dtype)
-            axis = _axis(node) if g.const(node.input[1]).ndim else None
-            shape = [1] * q.ndim
-            if axis is not None:
-                shape[axis] = -1
-            is_zero = q == zero_point.reshape(shape if zero_point.ndim else [])
-            if q.ndim >= 2:
-                zeros, total = zeros + int(is_zero.sum()), total + q.size
-            weights[node.input[0]] = {
-                "dtype": str(q.dtype),
-                "shape": list(q.shape),
-                "axis": axis,
-                "scale": g.const(node.input[1]).tolist(),
-                "zero_point": zero_point.tolist(),
-                "levels": int(np.unique(q).size),
-                "zeros": int(is_zero.sum()),
-                "min": int(q.min()),
-                "max": int(q.max()),
-            }
-    float_weights = sorted(
-        {
-            name
-            for n in g.graph.node
-            if n.op_type in ("Conv", "Gemm", "MatMul")
-            for name in n.input[1:2]
-            if name in g.inits
-            and g.inits[name].data_type == onnx.TensorProto.FLOAT
-            and len(g.inits[name].dims) >= 2
-        }
-    )
-    ops = Counter(n.op_type for n in g.graph.node)
-    return QDQSummary(
-        quantize_nodes=ops["QuantizeLinear"],
-        dequantize_nodes=ops["DequantizeLinear"],
-        activations=activations,
-        weights=weights,
-        int32_biases=biases,
-        weight_sparsity=zeros / total if total else 0.0,
-        float_weights=float_weights,
-    )
-
-
-def ort_optimized_op_counts(
-    path: str | os.PathLike, *, graph_optimization: str = "all"
-) -> dict[str, int]:
-    """Op counts of the graph ONNX Runtime (CPU) actually runs after its optimizations, read
-    back through ``SessionOptions.optimized_model_filepath``. Contrib ops are keyed
-    ``"com.microsoft.OpType"``; compare with :data:`INT8_KERNEL_OPS` / :data:`FLOAT_KERNEL_OPS`.
-    """
-    import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
-
-    levels = {
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = levels[graph_optimization]
-        options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3
-        ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        model = onnx.load(str(optimized), load_external_data=False)
-    counts: Counter[str] = Counter()
-    for node in model.graph.node:
-        domain = node.domain if node.domain not in ("", "ai.onnx") else ""
-        counts[f"{domain}.{node.op_type}" if domain else node.op_type] += 1
-    return dict(sorted(counts.items()))

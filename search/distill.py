@@ -1,4 +1,5 @@
-"""Distillation losses: how a student learns from a teacher, as pure functions plus one factory.
+"""Distillation for the ``distill`` stage: the feature losses (FitNets hints, DisWOT terms) and
+one factory over them and the logit losses of :mod:`slimline.distillation`.
 
 Logit losses take ``(student_logits, teacher_logits)`` (teacher already detached) and return a
 scalar; feature losses take tapped features. :func:`make_distill_loss` turns a loss *name* and
@@ -13,156 +14,33 @@ forward pass (:mod:`slimline.search.features`), so no hook outlives a batch.
 
 from __future__ import annotations
 
+import copy
 import difflib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from slimline.distillation import LOGIT_LOSSES, dist_loss, kd_soft_loss, sinkhorn_kd_loss
+from slimline.evaluation import accuracy, predict
+from slimline.params import ParamError, param
 from slimline.search.diswot import class_activation_matrix, relation_distance, semantic_distance
 from slimline.search.features import find_global_pool, tap
+from slimline.training import TrainParams, fit
 
-__all__ = [
-    "LOGIT_LOSSES", "LOSS_NAMES", "DistillConfig", "DistillationLoss", "dist_loss",
-    "distillation_loss_fn", "hint_loss", "hinton_kd_loss", "kd_soft_loss", "make_distill_loss",
-    "pearson_correlation", "sinkhorn_kd_loss", "sinkhorn_plan",
-]
+if TYPE_CHECKING:
+    from slimline.data import Dataset
+    from slimline.progress import Progress
+
+__all__ = ["LOSS_NAMES", "DistillConfig", "DistillLossConfig", "DistillResult", "DistillationLoss",
+           "distill", "hint_loss", "make_distill_loss", "teacher_kl"]
 
 LossName = Literal["kd", "dist", "sinkhorn", "hint", "diswot"]
-LOSS_NAMES: tuple[str, ...] = ("kd", "dist", "sinkhorn", "hint", "diswot")
-# Losses that only need the two models' outputs: usable inside any training stage (PDP, QAT).
-LOGIT_LOSSES: tuple[str, ...] = ("kd", "dist", "sinkhorn")
+LOSS_NAMES: tuple[str, ...] = (*LOGIT_LOSSES, "hint", "diswot")
 
 
-# ---- logit losses ----------------------------------------------------------------------------
-def kd_soft_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0
-) -> torch.Tensor:
-    """Hinton et al., 2015, sec. 2: ``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, batch
-    mean. The ``T^2`` keeps soft-target gradients on the hard-label scale as ``T`` changes (the
-    soft-target gradient scales as ``1/T^2`` at high temperature, sec. 2.1). Zero iff the two
-    softmaxes agree."""
-    if temperature <= 0:
-        raise ValueError(f"need temperature > 0, got {temperature}")
-    kl = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return temperature**2 * kl
-
-
-def hinton_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    temperature: float = 4.0,
-    alpha: float = 0.5,
-) -> torch.Tensor:
-    """Hinton et al., 2015: ``alpha * T^2 * KL(p_t^T || p_s^T) + (1 - alpha) * CE(z_s, y)``."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"need alpha in [0, 1], got {alpha}")
-    soft = kd_soft_loss(student_logits, teacher_logits, temperature=temperature)
-    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
-
-
-def pearson_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Row-wise Pearson correlation ``rho(u, v) = cov(u, v) / (std(u) std(v))`` of two
-    ``(n, d)`` matrices, DIST's match measure (Huang et al. 2022, sec. 3); ``eps`` guards
-    constant rows."""
-    a_centred = a - a.mean(dim=1, keepdim=True)
-    b_centred = b - b.mean(dim=1, keepdim=True)
-    return F.cosine_similarity(a_centred, b_centred, dim=1, eps=eps)
-
-
-def dist_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    temperature: float = 4.0,
-    beta: float = 1.0,
-    gamma: float = 1.0,
-) -> torch.Tensor:
-    """DIST (Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher"),
-    ``beta * L_inter + gamma * L_intra`` with ``Y = softmax(Z / tau)`` and distance
-    ``d_p(u, v) = 1 - rho(u, v)``:
-
-    * inter-class relation ``L_inter = tau^2 / B * sum_i d_p(Y_s[i, :], Y_t[i, :])`` (each
-      sample's ranking over classes);
-    * intra-class relation ``L_intra = tau^2 / C * sum_j d_p(Y_s[:, j], Y_t[:, j])`` (each
-      class's ranking over the batch).
-
-    The paper's total is ``alpha * L_cls + beta * L_inter + gamma * L_intra``; the caller adds
-    the cross-entropy. Zero when the student's probabilities are a positive affine map of the
-    teacher's row- and column-wise (in particular when they are equal).
-    """
-    if temperature <= 0:
-        raise ValueError(f"need temperature > 0, got {temperature}")
-    student = torch.softmax(student_logits / temperature, dim=1)
-    teacher = torch.softmax(teacher_logits.detach() / temperature, dim=1)
-    inter = (1.0 - pearson_correlation(student, teacher)).mean()
-    intra = (1.0 - pearson_correlation(student.t(), teacher.t())).mean()
-    return temperature**2 * (beta * inter + gamma * intra)
-
-
-def sinkhorn_plan(cost: torch.Tensor, *, epsilon: float, iterations: int) -> torch.Tensor:
-    """Entropy-regularised transport plan between uniform marginals (Cuturi, NeurIPS 2013):
-    ``P = diag(u) exp(-D / eps) diag(v)`` with ``P 1 = 1/n``, ``P^T 1 = 1/m``, found by
-    ``iterations`` Sinkhorn updates. Runs in the log domain so a small ``eps`` does not
-    underflow ``exp(-D / eps)``; gradients flow through the unrolled updates."""
-    if epsilon <= 0 or iterations < 1:
-        raise ValueError(f"need epsilon > 0 and iterations >= 1, got {epsilon}, {iterations}")
-    rows, cols = cost.shape
-    log_kernel = -cost / epsilon
-    log_a = torch.full((rows,), -torch.log(torch.tensor(float(rows))).item(), dtype=cost.dtype)
-    log_b = torch.full((cols,), -torch.log(torch.tensor(float(cols))).item(), dtype=cost.dtype)
-    log_u = torch.zeros_like(log_a)
-    log_v = torch.zeros_like(log_b)
-    for _ in range(iterations):
-        log_u = log_a - torch.logsumexp(log_kernel + log_v[None, :], dim=1)
-        log_v = log_b - torch.logsumexp(log_kernel + log_u[:, None], dim=0)
-    return torch.exp(log_u[:, None] + log_kernel + log_v[None, :])
-
-
-def sinkhorn_kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    temperature: float = 2.0,
-    epsilon: float = 0.1,
-    iterations: int = 20,
-) -> torch.Tensor:
-    """Sinkhorn-distance KD: the batch-wise reformulation of SinKD (Cui et al., LREC-COLING
-    2024, "Sinkhorn Distance Minimization for Knowledge Distillation"), as in the authors'
-    code. Exactly what is computed:
-
-    1. ``p_s = softmax(z_s / T)``, ``p_t = softmax(z_t / T)``, both ``(B, C)``;
-    2. the batch is an empirical distribution of ``B`` points in the simplex for each model;
-       the cost of moving student sample ``i`` onto teacher sample ``j`` is
-       ``D_ij = ||p_s[i] - p_t[j]||_1`` (the L1 ground cost of the authors' code);
-    3. ``P`` = :func:`sinkhorn_plan` of ``D`` with uniform marginals ``1/B``;
-    4. loss ``= <P, D> = sum_ij P_ij D_ij``, differentiated through the iterations.
-
-    The authors normalise rows and columns to sum 1 (mass ``B``), so their value is ``B``
-    times ours, and they scale it by a small constant; the weight here is ``distill_weight``.
-    Not zero for identical predictions (the entropy term spreads mass off the diagonal); it
-    tends to 0 as ``epsilon -> 0`` when the samples' predictions are distinct.
-    """
-    if temperature <= 0:
-        raise ValueError(f"need temperature > 0, got {temperature}")
-    student = torch.softmax(student_logits / temperature, dim=1)
-    teacher = torch.softmax(teacher_logits.detach() / temperature, dim=1)
-    cost = (student[:, None, :] - teacher[None, :, :]).abs().sum(dim=2)
-    plan = sinkhorn_plan(cost, epsilon=epsilon, iterations=iterations)
-    return (plan * cost).sum()
-
-
-# ---- feature losses --------------------------------------------------------------------------
 def hint_loss(regressed_student: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
     """FitNets (Romero et al., ICLR 2015), eq. 3: ``1/2 ||u_h(x) - r(v_g(x))||^2`` between the
     teacher's hint ``u_h`` and the regressed student guided layer ``r(v_g)``. Averaged over
@@ -177,7 +55,7 @@ def hint_loss(regressed_student: torch.Tensor, teacher_feature: torch.Tensor) ->
 
 # ---- the loss_fn factory ---------------------------------------------------------------------
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillLossConfig:
     """Which loss and how much of each term (see the module docstring for the total)."""
 
     loss: LossName = "kd"
@@ -273,12 +151,12 @@ class StudentWithAdapters(nn.Module):
 
 class DistillationLoss:
     """``loss_fn(model, x, y)`` for :func:`slimline.training.fit` built from a
-    :class:`DistillConfig`. Train :attr:`trainee` (the student, wrapped with its adapters when
+    :class:`DistillLossConfig`. Train :attr:`trainee` (the student, wrapped with its adapters when
     the loss has any); per-epoch means of every term accumulate in :attr:`term_history` (set
     :attr:`epoch` from ``fit``'s ``on_epoch``). Features are tapped with hooks that live for
     one forward pass, so nothing stays attached to either model."""
 
-    def __init__(self, config: DistillConfig, teacher: nn.Module, student: nn.Module | None = None,
+    def __init__(self, config: DistillLossConfig, teacher: nn.Module, student: nn.Module | None = None,
                  sample_input: torch.Tensor | None = None):
         if config.loss in ("hint", "diswot") and student is None:
             raise ValueError(f"the {config.loss!r} loss taps the student's features: pass it")
@@ -387,24 +265,118 @@ class DistillationLoss:
         return {f"{name}_term": sum(v) / len(v) for name, v in record.items() if v}
 
 
-def make_distill_loss(config: DistillConfig, teacher: nn.Module, student: nn.Module,
+def make_distill_loss(config: DistillLossConfig, teacher: nn.Module, student: nn.Module,
                       sample_input: torch.Tensor | None = None) -> DistillationLoss:
-    """The loss by name: ``make_distill_loss(DistillConfig("dist"), teacher, student, x[:8])``.
+    """The loss by name: ``make_distill_loss(DistillLossConfig("dist"), teacher, student, x[:8])``.
     ``sample_input`` sizes the FitNets regressor (one no-grad forward in eval mode)."""
     return DistillationLoss(config, teacher, student, sample_input)
 
 
-def distillation_loss_fn(
-    teacher: nn.Module, *, temperature: float, alpha: float, loss: str = "kd"
-) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``alpha * term + (1 - alpha) * CE`` for a logit loss (:data:`LOGIT_LOSSES`), frozen
-    ``teacher``: what training stages such as ``prune.pdp`` and ``quant.qat`` plug into ``fit``.
+# ---- the distill method (slimline.distill, the distill stage) ------------------------------
+
+
+@dataclass
+class DistillConfig(TrainParams):
+    """Train a student toward a frozen teacher: cross-entropy plus a named distillation term
+    (Hinton KD, DIST, Sinkhorn, FitNets hint, DisWOT), on :class:`TrainParams`' schedule."""
+
+    loss: LossName = param(
+        "kd", help="kd: Hinton; dist: DIST relations; sinkhorn: SinKD optimal transport; "
+        "hint: FitNets feature regression; diswot: DisWOT relation + semantic terms")
+    ce_weight: float = param(1.0, help="weight of cross-entropy on the labels")
+    distill_weight: float = param(1.0, help="weight of the named distillation term")
+    kd_weight: float = param(0.0, help="extra Hinton KD term for losses other than kd")
+    temperature: float = param(4.0, help="softmax temperature (kd, dist, sinkhorn)")
+    beta: float = param(1.0, help="dist: weight of the inter-class (per sample) relation")
+    gamma: float = param(1.0, help="dist: weight of the intra-class (per class) relation")
+    sinkhorn_epsilon: float = param(0.1, help="sinkhorn: entropic regularisation")
+    sinkhorn_iterations: int = param(20, help="sinkhorn: Sinkhorn iterations")
+    relation_weight: float = param(1.0, help="diswot: weight of the sample-relation term")
+    semantic_weight: float = param(1.0, help="diswot: weight of the class-activation term")
+    student_layer: str | None = param(
+        None, help="hint/diswot: student module whose output is tapped (default: the "
+        "classifier's input for hint, the pre-GAP feature map for diswot)")
+    teacher_layer: str | None = param(
+        None, help="hint/diswot: teacher module whose output is tapped (default: the "
+        "classifier's input for hint, the pre-GAP feature map for diswot)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.distill_config()
+        except ValueError as exc:
+            raise ParamError(None, str(exc)) from None
+
+    def distill_config(self) -> DistillLossConfig:
+        names = {f.name for f in fields(DistillLossConfig)}
+        return DistillLossConfig(**{name: getattr(self, name) for name in names})
+
+    def train_params(self) -> TrainParams:
+        return TrainParams(**{f.name: getattr(self, f.name) for f in fields(TrainParams)})
+
+
+@dataclass
+class DistillResult:
+    """The trained student (in place), its per-epoch history and the metrics of the stage."""
+
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    metrics: dict[str, Any]
+
+
+def teacher_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
+    """``KL(softmax(z_t) || softmax(z_s))`` per sample: how far the student's predictions are
+    from the teacher's."""
+    return float(F.kl_div(F.log_softmax(student_logits, 1), F.log_softmax(teacher_logits, 1),
+                          reduction="batchmean", log_target=True))
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Dataset,
+    config: DistillConfig | None = None,
+    *,
+    masks: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> DistillResult:
+    """Train ``student`` in place toward ``teacher`` (frozen; a copy is used) on ``data``.
+    FitNets regressors train with the student and are dropped afterwards. ``masks`` keep
+    pruned weights at zero (with ``config.keep_masks``). Runs unchanged under ``torchrun``.
+
+    Raises:
+        ValueError: the two models predict different classes, or the loss cannot be built.
     """
-    if loss not in LOGIT_LOSSES:
-        raise ValueError(f"training stages distill with a logit loss ({', '.join(LOGIT_LOSSES)})"
-                         f", got {loss!r}; feature losses need the 'distill' stage")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"need alpha in [0, 1], got {alpha}")
-    config = DistillConfig(loss, ce_weight=1.0 - alpha, distill_weight=alpha,  # type: ignore[arg-type]
-                           temperature=temperature)
-    return DistillationLoss(config, teacher)
+    config = config or DistillConfig()
+    teacher = copy.deepcopy(teacher)
+    x_val, y_val = data.x_val, data.y_val
+    teacher_logits = predict(teacher, x_val)
+    student_logits = predict(student, x_val)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"the teacher outputs {tuple(teacher_logits.shape[1:])} per sample but "
+                         f"the student {tuple(student_logits.shape[1:])}: they must predict the "
+                         "same classes")
+    kl_before = teacher_kl(student_logits, teacher_logits)
+    loss = make_distill_loss(config.distill_config(), teacher, student, data.x_train[:8])
+
+    def on_epoch(epoch: int) -> None:
+        loss.epoch = epoch  # so each batch's terms land in this epoch's record
+
+    kept = dict(masks or {}) if config.keep_masks else {}
+    history = fit(loss.trainee, data, config.train_params(), masks=loss.trainee_masks(kept),
+                  seed=seed, progress=progress, loss_fn=loss, on_epoch=on_epoch)
+    for record in history:
+        record.update(loss.epoch_means(int(record["epoch"]) - 1))
+    student_logits = predict(student, x_val)
+    metrics = {
+        "loss": config.loss,
+        "val_accuracy": accuracy(student_logits, y_val),
+        "teacher_val_accuracy": accuracy(teacher_logits, y_val),
+        "val_kl_to_teacher_before": kl_before,
+        "val_kl_to_teacher": teacher_kl(student_logits, teacher_logits),
+        "train_loss": history[-1]["loss"],
+        "epochs": history,
+    }
+    return DistillResult(student, kept, history, metrics)

@@ -205,7 +205,7 @@ def measure_architecture(
 
     Each seed initialises the model with ``torch.manual_seed(seed)`` and shuffles with it, so the
     vanilla and the distilled run of a seed start from the same weights."""
-    from slimline.search.distill import distillation_loss_fn
+    from slimline.distillation import distillation_loss_fn
 
     started = time.perf_counter()
     model = space.build_model(arch)

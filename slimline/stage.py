@@ -16,9 +16,11 @@ Stages never reach into each other; they get artifacts and return one.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -132,3 +134,41 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class DataAccessError(StageFailed):
+    """A data-free stage tried to read the dataset."""
+
+
+@contextlib.contextmanager
+def no_data(ctx: StageContext) -> Iterator[None]:
+    """Within this block ``ctx.data`` raises :class:`DataAccessError` (also when the dataset
+    was loaded before: the cached value is hidden and restored afterwards)."""
+    loader, cached = ctx.data_loader, ctx.__dict__.pop("data", None)
+
+    def refuse() -> Any:
+        raise DataAccessError(
+            f"stage {ctx.stage_id!r} ({ctx.uses}) is data-free and may not read the dataset"
+        )
+
+    ctx.data_loader = refuse
+    try:
+        yield
+    finally:
+        ctx.data_loader = loader
+        ctx.__dict__.pop("data", None)
+        if cached is not None:
+            ctx.__dict__["data"] = cached
+
+
+def data_free(
+    function: Callable[[StageContext, list[Artifact], Any], Artifact],
+) -> Callable[[StageContext, list[Artifact], Any], Artifact]:
+    """Run a stage function under :func:`no_data` (decorator)."""
+
+    @functools.wraps(function)
+    def wrapper(ctx: StageContext, inputs: list[Artifact], p: Any) -> Artifact:
+        with no_data(ctx):
+            return function(ctx, inputs, p)
+
+    return wrapper

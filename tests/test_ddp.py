@@ -21,8 +21,6 @@ import slimline
 from slimline.artifact import Artifact
 from slimline.data import load_dataset
 from slimline.models import build_model
-from slimline.stages.prune_pdp import PDPParams, train_pdp
-from slimline.stages.quant_qat import QATParams, train_qat
 
 
 def _train_both(rank: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -32,26 +30,20 @@ def _train_both(rank: int) -> dict[str, dict[str, torch.Tensor]]:
     for name in ("pdp", "qat"):
         torch.manual_seed(0)
         model = build_model("mlp", num_classes=10, in_channels=1, input_size=(8, 8), hidden=[32])
-        if name == "pdp":
-            train_pdp(
+        if name == "pdp":  # the public API: the same call a user makes
+            slimline.prune(
                 model,
-                data,
-                PDPParams(sparsity=0.7, epochs=3, warmup_epochs=1, epsilon=0.7, batch_size=50),
+                slimline.PDPConfig(sparsity=0.7, epochs=3, warmup_epochs=1, epsilon=0.7,
+                                   batch_size=50),
+                data=data,
                 seed=3,
             )
         else:
-            train_qat(
+            slimline.quantize(
                 model,
-                data,
-                QATParams(
-                    epochs=2,
-                    cga=True,
-                    cga_epochs=1,
-                    skip=None,
-                    weight_bits=4,
-                    activation_bits=8,
-                    batch_size=50,
-                ),
+                slimline.QATConfig(epochs=2, cga=True, cga_epochs=1, skip=None, weight_bits=4,
+                                   activation_bits=8, batch_size=50),
+                data=data,
                 seed=3,
             )
         results[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}

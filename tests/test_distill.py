@@ -14,20 +14,18 @@ import torch.nn.functional as F
 
 import slimline
 from slimline.data import load_dataset
-from slimline.models import build_model
-from slimline.recipe import RecipeError
-from slimline.search.distill import (
-    DistillConfig,
+from slimline.distillation import (
     dist_loss,
     distillation_loss_fn,
-    hint_loss,
     hinton_kd_loss,
     kd_soft_loss,
-    make_distill_loss,
     pearson_correlation,
     sinkhorn_kd_loss,
     sinkhorn_plan,
 )
+from slimline.models import build_model
+from slimline.recipe import RecipeError
+from slimline.search.distill import DistillLossConfig, hint_loss, make_distill_loss
 from slimline.stage import StageFailed
 from slimline.training import TrainParams, fit
 
@@ -124,20 +122,20 @@ def _resnet(width: int) -> nn.Module:
 
 def test_hint_regressor_shapes_and_mismatch_names_the_layers() -> None:
     student, teacher, x = _resnet(4), _resnet(8), torch.randn(4, 1, 8, 8)
-    config = DistillConfig("hint", student_layer="layer3", teacher_layer="layer3")
+    config = DistillLossConfig("hint", student_layer="layer3", teacher_layer="layer3")
     loss = make_distill_loss(config, teacher, student, x)
     regressor = loss.adapters["regressor"]
     assert isinstance(regressor, nn.Conv2d) and regressor.kernel_size == (1, 1)
     assert (regressor.in_channels, regressor.out_channels) == (16, 32)
     assert loss.trainee is not student and any(
         p is regressor.weight for p in loss.trainee.parameters())
-    vectors = make_distill_loss(DistillConfig("hint"), teacher, student, x)
+    vectors = make_distill_loss(DistillLossConfig("hint"), teacher, student, x)
     assert isinstance(vectors.adapters["regressor"], nn.Linear)  # classifier inputs: (B, C)
-    bad = DistillConfig("hint", student_layer="layer1", teacher_layer="layer3")
+    bad = DistillLossConfig("hint", student_layer="layer1", teacher_layer="layer3")
     with pytest.raises(ValueError, match="'layer1'.*'layer3'.*spatial"):
         make_distill_loss(bad, teacher, student, x)
     with pytest.raises(ValueError, match="student has no layer 'layer4'.*layer3"):
-        loss = make_distill_loss(DistillConfig("hint", student_layer="layer4"), teacher, student, x)
+        loss = make_distill_loss(DistillLossConfig("hint", student_layer="layer4"), teacher, student, x)
         loss(student, x, torch.zeros(4, dtype=torch.long))
 
 
@@ -151,7 +149,7 @@ def test_distillation_terms_vanish_when_student_is_the_teacher(name: str) -> Non
     teacher = _resnet(4).eval()
     student = copy.deepcopy(teacher).eval()
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    loss = make_distill_loss(DistillConfig(name), teacher, student, x)
+    loss = make_distill_loss(DistillLossConfig(name), teacher, student, x)
     terms = loss.terms(student, x, y)
     for term, value in terms.items():
         if term != "ce":
@@ -164,7 +162,7 @@ def test_distillation_terms_vanish_when_student_is_the_teacher(name: str) -> Non
 def test_diswot_loss_is_differentiable_and_weighted() -> None:
     teacher, student = _resnet(8).eval(), _resnet(4)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    config = DistillConfig("diswot", ce_weight=0.0, relation_weight=2.0, semantic_weight=3.0)
+    config = DistillLossConfig("diswot", ce_weight=0.0, relation_weight=2.0, semantic_weight=3.0)
     loss = make_distill_loss(config, teacher, student, x)
     terms = loss.terms(student, x, y)
     values = {name: float(value.detach()) for name, value in terms.items()}
@@ -195,7 +193,7 @@ def test_training_stages_only_take_logit_losses() -> None:
     with pytest.raises(ValueError, match="feature losses need the 'distill' stage"):
         distillation_loss_fn(_resnet(4), temperature=4.0, alpha=0.5, loss="hint")
     with pytest.raises(ValueError, match="did you mean 'dist'"):
-        DistillConfig("dst")  # type: ignore[arg-type]
+        DistillLossConfig("dst")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", ["kd", "dist", "sinkhorn"])
@@ -220,7 +218,7 @@ def test_distilling_moves_student_predictions_toward_teacher(name: str) -> None:
         return float(kl), float(agreement), float(rho)
 
     kl_before, agreement_before, rho_before = closeness()
-    config = DistillConfig(name, ce_weight=0.0, temperature=1.0)  # type: ignore[arg-type]
+    config = DistillLossConfig(name, ce_weight=0.0, temperature=1.0)  # type: ignore[arg-type]
     fit(student, data, TrainParams(epochs=3, lr=1e-2), loss_fn=make_distill_loss(
         config, teacher, student))
     kl, agreement, rho = closeness()
@@ -280,7 +278,7 @@ def _distill_hint(rank: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)  # no BatchNorm: its statistics are per shard, so BN models drift
     teacher = build_model("mlp", hidden=[32]).eval()
     student = build_model("mlp", hidden=[16])
-    config = DistillConfig("hint", kd_weight=1.0)  # classifier inputs: a linear regressor
+    config = DistillLossConfig("hint", kd_weight=1.0)  # classifier inputs: a linear regressor
     loss = make_distill_loss(config, teacher, student, data.x_train[:8])
     fit(loss.trainee, data, TrainParams(epochs=1, batch_size=50), seed=3, loss_fn=loss)
     return {k: v.detach().clone() for k, v in loss.trainee.state_dict().items()}

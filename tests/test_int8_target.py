@@ -278,12 +278,12 @@ def test_int8_warnings_name_the_fix_for_a_file_made_for_another_cpu(trained, dig
 @pytest.mark.parametrize(("quantizer", "bits", "limit_bits"), [("lsq", 8, 7), ("statsq", 7, 6)])
 @pytest.mark.parametrize("name", ["x86-avx2", "x86-vnni"])
 def test_qat_trains_and_exports_on_the_target_grid(quantizer, bits, limit_bits, name):
-    from slimline.compress.quant.qat.model import QATConfig, QATController
+    from slimline.compress.quant.qat import QATConfig, QATController
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     controller = QATController(model, QATConfig(weight_quantizer=quantizer, weight_bits=bits,
-                                                activation_bits=8, skip=None, target=name))
+                                                activation_bits=8, skip=None), target=name)
     controller.install(torch.randn(32, 8))
     expected = limit_bits if resolve_target(name).saturates_u8s8 else bits
     assert {q.bits for m in controller.layers.values()

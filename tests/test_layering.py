@@ -2,7 +2,7 @@
 ones, lazy imports inside functions included.
 
     0  slimline.export, and the leaf utilities (io, registry, params, progress, versions)
-    1  models, data, masks, evaluation, training, structure  (what every method builds on)
+    1  models, data, masks, evaluation, training, distillation, structure  (shared by methods)
     2  slimline.compress                                      (pruning, quantization)
     3  slimline.search                                        (architecture search, distillation)
     4  the pipeline: recipe, dag, stage(s), artifact, runner, report, api, cli, ...
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"slimline": "slimline", "compress": "slimline.compress", "search": "slimline.search",
            "export": "slimline.export"}
 LEAVES = ("io", "registry", "params", "progress", "versions")
-CORE = ("models", "data", "masks", "evaluation", "training", "structure")
+CORE = ("models", "data", "masks", "evaluation", "training", "distillation", "structure")
 
 
 def layer_of(module: str) -> int:

@@ -16,9 +16,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from slimline.export.graph import OnnxFileError, graph_summary
+from slimline.export.int8_evaluation import compare_onnx_models
 from slimline.export.int8check import Int8Warning, int8_warnings, isa_warning, unfused_qdq
 from slimline.export.latency import profile_onnx
-from slimline.export.ort_quant import QuantizationError, compare_onnx_models, ort_quantize
+from slimline.export.ort_quant import QuantizationError, ort_quantize
 from tests.test_latency import _save, mlp
 
 

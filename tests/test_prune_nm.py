@@ -10,11 +10,10 @@ import torch
 import torch.nn as nn
 
 import slimline
-from slimline.compress.prune.nm import NMError, nm_mask, nm_prune, nm_violations
+from slimline.compress.prune.nm import NMConfig, NMError, nm_mask, nm_prune, nm_violations
 from slimline.models import build_model
 from slimline.params import ParamError, parse_params
 from slimline.stage import StageFailed
-from slimline.stages.prune_nm import NMPruneParams
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
@@ -71,9 +70,9 @@ def test_bad_pattern_regex_and_weights() -> None:
     with pytest.raises(NMError, match=r"'head\.weight' has NaN or inf"):
         nm_prune(model, 2, 4)
     with pytest.raises(ParamError, match="n: must be in"):
-        parse_params(NMPruneParams, {"n": 4, "m": 4})
+        parse_params(NMConfig, {"n": 4, "m": 4})
     with pytest.raises(ParamError, match="m: must be at least 2"):
-        parse_params(NMPruneParams, {"n": 1, "m": 1})
+        parse_params(NMConfig, {"n": 1, "m": 1})
 
 
 def test_stage_masks_survive_fine_tuning_and_export(tmp_path: Path) -> None:

@@ -13,13 +13,13 @@ import slimline
 from slimline.artifact import Artifact
 from slimline.compress.prune.channel_allocation import group_levels
 from slimline.compress.prune.channel_groups import find_channel_groups
+from slimline.compress.prune.channels import ChannelConfig
 from slimline.compress.prune.flops import count_flops
 from slimline.compress.prune.magnitude import magnitude
 from slimline.compress.prune.structured import StructuredPruningError, prune_channels
 from slimline.models import build_model
 from slimline.params import ParamError, parse_params
 from slimline.stage import StageFailed
-from slimline.stages.prune_channels import ChannelPruneParams
 
 IMAGE = (1, 1, 8, 8)
 SEQUENCE = (1, 1, 40)
@@ -235,9 +235,9 @@ def test_bad_ratio_budget_regex_and_weights() -> None:
     with pytest.raises(StructuredPruningError, match=r"'features\.1\.weight' has NaN or inf"):
         prune_channels(model, x, 0.3)
     with pytest.raises(ParamError, match=r"ratio: must be in \[0.0, 1.0\)"):
-        parse_params(ChannelPruneParams, {"ratio": 1.5})
+        parse_params(ChannelConfig, {"ratio": 1.5})
     with pytest.raises(ParamError, match="allocation: expected one of"):
-        parse_params(ChannelPruneParams, {"allocation": "greedy"})
+        parse_params(ChannelConfig, {"allocation": "greedy"})
 
 
 class _FixedMixing(nn.Module):

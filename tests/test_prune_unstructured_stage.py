@@ -171,8 +171,9 @@ def test_bad_params_are_rejected_before_running() -> None:
 
 def test_nan_weights_fail_clearly(tmp_path) -> None:
     from slimline.artifact import Artifact
+    from slimline.compress.prune.unstructured import UnstructuredConfig
     from slimline.stage import StageContext, StageFailed
-    from slimline.stages.prune_unstructured import UnstructuredPruneParams, prune_unstructured
+    from slimline.stages.prune import prune_unstructured
 
     model = build_model("mlp", num_classes=10, in_channels=1, input_size=(8, 8))
     with torch.no_grad():
@@ -180,4 +181,4 @@ def test_nan_weights_fail_clearly(tmp_path) -> None:
     artifact = Artifact(model=model, model_spec={"name": "mlp"}, input_shape=(1, 8, 8))
     ctx = StageContext("prune", "prune.unstructured", 0, tmp_path, lambda: None)
     with pytest.raises(StageFailed, match="'head.weight' has NaN"):
-        prune_unstructured(ctx, [artifact], UnstructuredPruneParams())
+        prune_unstructured(ctx, [artifact], UnstructuredConfig())

@@ -21,7 +21,7 @@ from slimline.compress.quant import QDQExportError, export_qdq_onnx, quantize_rt
 from slimline.compress.quant.qdq_export import scale_mismatches
 from slimline.data import load_dataset
 from slimline.export import check_parity
-from slimline.export.qdq import (
+from slimline.export.qdq_inspect import (
     FLOAT_KERNEL_OPS,
     INT8_KERNEL_OPS,
     ort_optimized_op_counts,

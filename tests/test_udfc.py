@@ -18,16 +18,15 @@ from slimline.artifact import Artifact
 from slimline.compress.prune.datafree_sites import ChannelFilters, find_prune_sites
 from slimline.compress.prune.neuron_merging import prune_sites
 from slimline.compress.quant.datafree import weight_spec
-from slimline.compress.quant.udfc import (
+from slimline.compress.quant.udfc import udfc_compress
+from slimline.compress.quant.udfc_scales import (
     pruning_loss,
     pruning_scales,
     quantization_loss,
     quantization_scales,
-    udfc_compress,
 )
 from slimline.models import build_model
-from slimline.stage import get_stage
-from slimline.stages.datafree import DataAccessError, data_free, no_data
+from slimline.stage import DataAccessError, data_free, get_stage, no_data
 from tests.datafree_models import calibrate_bn, combination_net, tripwire_context
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "datafree.yaml"

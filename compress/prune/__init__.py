@@ -12,7 +12,8 @@ from slimline.compress.prune.allocation import (
     threshold_allocation,
     uniform_allocation,
 )
-from slimline.compress.prune.channel_allocation import CostModel, allocate, build_cost_model
+from slimline.compress.prune.channel_allocation import allocate
+from slimline.compress.prune.channel_cost import CostModel, build_cost_model
 from slimline.compress.prune.distortion import additivity, distortion_curves, output_distortion
 from slimline.compress.prune.dp import allocate_dp, allocate_dp_reference, quantize_cost
 from slimline.compress.prune.flops import FlopCount, count_flops, count_params

@@ -35,8 +35,8 @@ from slimline.compress.prune.channel_groups import (
     ChannelGroup,
     StructuredPruningError,
     find_channel_groups,
-    prune_group,
 )
+from slimline.compress.prune.channel_surgery import prune_group
 from slimline.compress.prune.layer_chains import LayerChain, find_layer_chains
 
 __all__ = [

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimline.compress.prune.channel_allocation import CostModel, build_cost_model, group_levels
+from slimline.compress.prune.channel_allocation import group_levels
+from slimline.compress.prune.channel_cost import CostModel, build_cost_model
 from slimline.compress.prune.channel_groups import (
     CONV_LINEAR,
     ChannelGraph,

@@ -8,12 +8,22 @@ position, so the achieved sparsity never drifts with repeated values.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from slimline.compress.methods import (
+    MethodConfig,
+    MethodError,
+    MethodInputs,
+    PruneResult,
+    compose_masks,
+    register_pruner,
+)
 from slimline.masks import apply_masks  # re-exported: pruners hand out masks
+from slimline.params import check_range, check_regex, param
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GRU, nn.LSTM, nn.RNN)
 
@@ -97,3 +107,62 @@ def magnitude(model: nn.Module, sparsity: float = 0.5,
     masks = magnitude_masks(model, sparsity, scope, include=include, exclude=exclude)
     apply_masks(model, masks)
     return masks
+
+
+# ---- the method behind slimline.prune / the prune.magnitude stage --------------------------
+
+
+@dataclass
+class MagnitudeConfig(MethodConfig):
+    """Unstructured magnitude pruning (the baseline), global or uniform, data-free."""
+
+    sparsity: float = param(0.5, help="fraction of prunable weights set to zero, in [0, 1)")
+    scope: Literal["global", "uniform"] = param(
+        "global", help="global: one threshold for all layers; uniform: same sparsity per layer")
+    include: str | None = param(None, help="regex: prune only weights whose name matches")
+    exclude: str | None = param(None, help="regex: keep weights whose name matches dense")
+
+    def __post_init__(self) -> None:
+        check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        check_regex("include", self.include)
+        check_regex("exclude", self.exclude)
+
+
+def candidate_weights(model: nn.Module, include: str | None,
+                      exclude: str | None) -> dict[str, nn.Parameter]:
+    """:func:`prunable_weights`, or a :class:`MethodError` listing them when the regexes match
+    none."""
+    candidates = prunable_weights(model, include, exclude)
+    if not candidates:
+        every = ", ".join(prunable_weights(model)) or "none"
+        raise MethodError(f"include={include!r} / exclude={exclude!r} match no prunable "
+                          f"weight. Prunable weights: {every}")
+    return candidates
+
+
+def masked_sparsity(model: nn.Module, names: list[str]) -> tuple[float, dict[str, float]]:
+    """Overall and per-layer share of zeros over the weights ``names``."""
+    parameters = dict(model.named_parameters())
+    per_layer = layer_sparsity(model, names)
+    total = sum(parameters[n].numel() for n in names)
+    zeros = sum(per_layer[n] * parameters[n].numel() for n in names)
+    return (zeros / total if total else 0.0), per_layer
+
+
+@register_pruner(MagnitudeConfig)
+def prune_magnitude(model: nn.Module, config: MagnitudeConfig,
+                    inputs: MethodInputs) -> PruneResult:
+    candidates = candidate_weights(model, config.include, config.exclude)
+    try:
+        new = magnitude_masks(model, config.sparsity, config.scope, include=config.include,
+                              exclude=config.exclude)
+    except ValueError as exc:
+        raise MethodError(str(exc)) from None
+    masks = compose_masks(inputs.masks, new)
+    apply_masks(model, masks)
+    sparsity, per_layer = masked_sparsity(model, list(candidates))
+    record = {"method": "magnitude", "scope": config.scope, "target": config.sparsity,
+              "layer_sparsity": per_layer}
+    return PruneResult(model, masks, record, {"sparsity": sparsity,
+                                              "target_sparsity": config.sparsity,
+                                              "layer_sparsity": per_layer})

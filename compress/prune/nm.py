@@ -23,8 +23,17 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from slimline.compress.prune.magnitude import prunable_weights
+from slimline.compress.methods import (
+    MethodConfig,
+    MethodError,
+    MethodInputs,
+    PruneResult,
+    compose_masks,
+    register_pruner,
+)
+from slimline.compress.prune.magnitude import masked_sparsity, prunable_weights
 from slimline.masks import apply_masks
+from slimline.params import ParamError, check_regex, param
 
 OnIndivisible = Literal["error", "skip"]
 
@@ -149,3 +158,48 @@ def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:
         raise NMError(f"input dimension {weight.shape[1]} is not divisible by {m}")
     nonzero = (_to_groups(weight.detach(), m) != 0).sum(-1)
     return int((nonzero > n).sum())
+
+
+# ---- the method behind slimline.prune / the prune.nm stage ---------------------------------
+
+
+@dataclass
+class NMConfig(MethodConfig):
+    """N:M semi-structured sparsity (N largest |w| of every M consecutive input weights)."""
+
+    n: int = param(2, help="weights kept in every group of m")
+    m: int = param(4, help="group size: consecutive weights along the input (channel) dimension")
+    include: str | None = param(None, help="regex: prune only weights whose name matches")
+    exclude: str | None = param(None, help="regex: keep weights whose name matches dense")
+    on_indivisible: Literal["error", "skip"] = param(
+        "error", help="a layer whose input dimension is not a multiple of m: error or keep dense"
+    )
+
+    def __post_init__(self) -> None:
+        if self.m < 2:
+            raise ParamError("m", f"must be at least 2, got {self.m}")
+        if not 1 <= self.n < self.m:
+            raise ParamError("n", f"must be in [1, m) = [1, {self.m}), got {self.n}")
+        check_regex("include", self.include)
+        check_regex("exclude", self.exclude)
+
+
+@register_pruner(NMConfig)
+def prune_nm(model: nn.Module, config: NMConfig, inputs: MethodInputs) -> PruneResult:
+    try:
+        result = nm_masks(model, config.n, config.m, include=config.include,
+                          exclude=config.exclude, on_indivisible=config.on_indivisible)
+    except NMError as exc:
+        raise MethodError(str(exc)) from None
+    masks = compose_masks(inputs.masks, result.masks)
+    apply_masks(model, masks)
+    sparsity, per_layer = masked_sparsity(model, list(result.masks))
+    record = {"method": "nm", "n": config.n, "m": config.m, "layer_sparsity": per_layer,
+              "skipped": result.skipped}
+    return PruneResult(model, masks, record, {
+        "pattern": f"{config.n}:{config.m}",
+        "sparsity": sparsity,
+        "target_sparsity": 1 - config.n / config.m,
+        "layer_sparsity": per_layer,
+        "skipped": result.skipped,
+    })

@@ -33,9 +33,9 @@ from slimline.compress.prune.channel_allocation import (
     Allocation,
     Target,
     allocate,
-    build_cost_model,
     group_levels,
 )
+from slimline.compress.prune.channel_cost import build_cost_model
 from slimline.compress.prune.channel_distortion import output_distortion_table
 from slimline.compress.prune.channel_groups import (
     CONV_LINEAR,
@@ -43,13 +43,13 @@ from slimline.compress.prune.channel_groups import (
     ChannelGroup,
     StructuredPruningError,
     find_channel_groups,
-    prune_group,
 )
 from slimline.compress.prune.channel_importance import (
     ChannelImportance,
     ChannelMagnitudeImportance,
     unit_scores,
 )
+from slimline.compress.prune.channel_surgery import prune_group
 from slimline.compress.prune.flops import count_flops
 
 if TYPE_CHECKING:

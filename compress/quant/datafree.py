@@ -15,11 +15,18 @@ fold BN, equalize, absorb high biases, quantize weights, correct biases. UDFC
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
+from slimline.compress.methods import (
+    MethodConfig,
+    MethodError,
+    MethodInputs,
+    QuantizeResult,
+    register_quantizer,
+)
 from slimline.compress.prune.layer_chains import find_layer_chains
 from slimline.compress.quant.bn_statistics import (
     ChannelStats,
@@ -37,9 +44,16 @@ from slimline.compress.quant.rtn import (
 )
 from slimline.compress.quant.spec import QuantSpec, affine_spec
 from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
-from slimline.compress.quant.target import Target, layer_weight_bits, scheme_record
+from slimline.compress.quant.target import (
+    Target,
+    layer_weight_bits,
+    scheme_record,
+    target_metrics,
+)
+from slimline.params import ParamError, check_regex, param
 
-__all__ = ["DataFreeRangeError", "DataFreeResult", "quantize_datafree", "weight_spec"]
+__all__ = ["DFQConfig", "DataFreeConfig", "DataFreeRangeError", "DataFreeResult",
+           "quantize_datafree", "weight_spec"]
 
 
 @dataclass
@@ -260,3 +274,104 @@ def _observed_specs(
         for key, observer in observers.items()
         if observer.count
     }
+
+
+# ---- the methods behind slimline.quantize / quant.datafree and quant.dfq ------------------
+
+
+@dataclass
+class DataFreeConfig(MethodConfig):
+    """Round-to-nearest weights, activation ranges from BatchNorm statistics; never reads data."""
+
+    weight_bits: int = param(8, help="weight bits, 2-8 (below 8: low-bit levels on the int8 grid)")
+    per_channel: bool = param(True, help="one weight scale per output channel (else per tensor)")
+    symmetric_weights: bool = param(
+        True, help="symmetric weight grid (zero point 0; what int8 kernels want)"
+    )
+    activation_dtype: Literal["uint8", "int8"] = param(
+        "uint8", help="activation grid; uint8 is what x86 onnxruntime fuses best (U8S8)"
+    )
+    symmetric_activations: bool = param(False, help="symmetric activation grid")
+    range_sigmas: float = param(
+        6.0, help="activation grids cover BN mean +- this many BN standard deviations"
+    )
+    input_std: float = param(1.0, help="model input taken as N(0, input_std^2) (standardised)")
+    skip: str | None = param(None, help="regex of Conv/Linear names kept in float")
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.weight_bits <= 8:
+            raise ParamError("weight_bits", f"must be in [2, 8], got {self.weight_bits}")
+        if self.range_sigmas <= 0:
+            raise ParamError("range_sigmas", f"must be positive, got {self.range_sigmas}")
+        if self.input_std <= 0:
+            raise ParamError("input_std", f"must be positive, got {self.input_std}")
+        check_regex("skip", self.skip)
+
+
+@dataclass
+class DFQConfig(DataFreeConfig):
+    """DFQ (Nagel et al. 2019): cross-layer equalization, high-bias absorption and bias
+    correction, then :class:`DataFreeConfig`'s quantization; no data."""
+
+    equalize: bool = param(True, help="cross-layer equalization of conv -> ReLU -> conv pairs")
+    absorb_high_bias: bool = param(True, help="move BN mean - 3 std into the next layer's bias")
+    correct_bias: bool = param(True, help="analytic bias correction from BN statistics")
+
+
+def datafree_kwargs(config: DataFreeConfig, target: Any) -> dict[str, Any]:
+    """:func:`quantize_datafree`'s keyword arguments for ``config`` (also UDFC's)."""
+    return {
+        "target": target,
+        "weight_bits": config.weight_bits,
+        "per_channel": config.per_channel,
+        "symmetric_weights": config.symmetric_weights,
+        "range_sigmas": config.range_sigmas,
+        "activation_signed": config.activation_dtype == "int8",
+        "symmetric_activations": config.symmetric_activations,
+        "input_std": config.input_std,
+        "skip": config.skip,
+    }
+
+
+def datafree_metrics(result: DataFreeResult, config: DataFreeConfig,
+                     method: str) -> dict[str, Any]:
+    metrics = {
+        "method": method,
+        "weight_bits": config.weight_bits,
+        "weight_levels": 2**config.weight_bits - 1,
+        "weight_storage": "int8",
+        "activation_bits": 8,
+        "activation_dtype": config.activation_dtype,
+        "per_channel": config.per_channel,
+        "activation_ranges": result.ranges,
+        "range_sigmas": config.range_sigmas,
+        "data_used": False,
+        "quantized_layers": len(result.quantized),
+        "float_layers": result.skipped,
+        "activation_points": len(result.state.activations),
+        "folded_batchnorm": len(result.folded),
+        **result.dfq,
+        **target_metrics(result.state.info),
+    }
+    if "bias_corrected" in metrics:
+        metrics["bias_corrected"] = len(metrics["bias_corrected"])
+    return metrics
+
+
+@register_quantizer(DataFreeConfig)
+@register_quantizer(DFQConfig)
+def quantize_datafree_method(model: nn.Module, config: DataFreeConfig,
+                             inputs: MethodInputs) -> QuantizeResult:
+    from slimline.compress.quant.rtn import refuse_quantized
+
+    refuse_quantized(model)
+    is_dfq = isinstance(config, DFQConfig)
+    steps = ({"equalize": config.equalize, "absorb_high_bias": config.absorb_high_bias,
+              "correct_bias": config.correct_bias} if isinstance(config, DFQConfig) else {})
+    method = "dfq" if is_dfq else "datafree"
+    try:
+        result = quantize_datafree(model, **datafree_kwargs(config, inputs.target),
+                                   method=method, **steps)
+    except (ValueError, DataFreeRangeError) as exc:
+        raise MethodError(str(exc)) from None
+    return QuantizeResult(model, result.state, datafree_metrics(result, config, method))

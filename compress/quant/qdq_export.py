@@ -35,7 +35,7 @@ from slimline.compress.quant.state import (
 from slimline.compress.quant.target import Target, resolve_target
 
 if TYPE_CHECKING:
-    from slimline.export.qdq import QDQSummary
+    from slimline.export.qdq_inspect import QDQSummary
 
 __all__ = ["QDQExportError", "export_qdq_onnx", "scale_mismatches"]
 
@@ -95,7 +95,8 @@ def export_qdq_onnx(
     """
     from slimline.export import ExportError, export_onnx
     from slimline.export.int8numerics import describe_ranges, int8_weight_ranges, saturating_weights
-    from slimline.export.qdq import QDQError, qdq_summary, write_qdq
+    from slimline.export.qdq import QDQError, write_qdq
+    from slimline.export.qdq_inspect import qdq_summary
 
     state = state or quantization_of(model)
     if state is None:

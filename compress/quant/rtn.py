@@ -15,22 +15,45 @@ quantized weights, derive bias grids, attach everything (:func:`attach_quantizat
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 
+from slimline.compress.methods import (
+    DataUse,
+    MethodConfig,
+    MethodError,
+    MethodInputs,
+    QuantizeResult,
+    register_quantizer,
+)
 from slimline.compress.quant.fold import fold_batchnorm
 from slimline.compress.quant.placement import ActivationPlan, plan_activation_points
 from slimline.compress.quant.spec import QuantSpec, affine_spec, symmetric_spec
-from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
-from slimline.compress.quant.target import Target, layer_weight_bits, scheme_record
+from slimline.compress.quant.state import (
+    QuantState,
+    TensorPoint,
+    attach_quantization,
+    quantization_of,
+)
+from slimline.compress.quant.target import (
+    Target,
+    layer_weight_bits,
+    scheme_record,
+    target_metrics,
+)
+from slimline.params import ParamError, check_regex, param
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MinMaxObserver",
+    "RTNConfig",
     "RTNResult",
     "bias_spec",
     "quantizable_modules",
@@ -262,3 +285,97 @@ class _Record:
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"cannot observe the {self.point}: it is {type(tensor).__name__}")
         self.observer.observe(tensor)
+
+
+# ---- the method behind slimline.quantize / the quant.rtn stage ---------------------------
+
+
+@dataclass
+class RTNConfig(MethodConfig):
+    """Round-to-nearest per-channel weights + min/max-calibrated 8-bit activations (BN folded);
+    calibrates on ``calibration_samples`` training inputs."""
+
+    data: ClassVar[DataUse] = "required"
+
+    weight_bits: int = param(8, help="weight bits, 2-8 (below 8: low-bit levels on the int8 grid)")
+    activation_bits: int = param(8, help="activation bits (8: what int8 kernels run)")
+    activation_dtype: Literal["uint8", "int8"] = param(
+        "uint8", help="activation grid; uint8 is what x86 onnxruntime fuses best (U8S8)"
+    )
+    per_channel: bool = param(True, help="one weight scale per output channel (else per tensor)")
+    symmetric: bool = param(False, help="symmetric activation grid (default: min/max affine)")
+    calibration_samples: int = param(256, help="training inputs used to observe activations")
+    skip: str | None = param(None, help="regex of Conv/Linear names kept in float, e.g. '^fc$'")
+    fold_bn: bool = param(True, help="fold BatchNorm into the preceding conv first")
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.weight_bits <= 8:
+            raise ParamError("weight_bits", f"must be in [2, 8], got {self.weight_bits}")
+        if self.activation_bits != 8:
+            raise ParamError(
+                "activation_bits",
+                f"only 8-bit activations are supported (int8 kernels), got {self.activation_bits}",
+            )
+        if self.calibration_samples < 1:
+            raise ParamError("calibration_samples", "must be at least 1")
+        check_regex("skip", self.skip)
+
+
+@register_quantizer(RTNConfig)
+def quantize_rtn_method(model: nn.Module, config: RTNConfig,
+                        inputs: MethodInputs) -> QuantizeResult:
+    p = config
+    refuse_quantized(model)
+    calibration = inputs.require_data("quant.rtn").calibration(p.calibration_samples,
+                                                                seed=inputs.seed)
+    try:
+        result = quantize_rtn(
+            model,
+            calibration,
+            weight_bits=p.weight_bits,
+            activation_bits=p.activation_bits,
+            activation_signed=p.activation_dtype == "int8",
+            symmetric_activations=p.symmetric,
+            per_channel=p.per_channel,
+            skip=p.skip,
+            fold_bn=p.fold_bn,
+            target=inputs.target,
+        )
+    except ValueError as exc:
+        raise MethodError(str(exc)) from None
+    levels = 2**p.weight_bits - 1
+    metrics: dict[str, Any] = {
+        "method": "rtn",
+        "weight_bits": p.weight_bits,
+        "weight_levels": levels,
+        "weight_storage": "int8",
+        "activation_bits": p.activation_bits,
+        "activation_dtype": p.activation_dtype,
+        "per_channel": p.per_channel,
+        "quantized_layers": len(result.quantized),
+        "float_layers": result.skipped,
+        "activation_points": len(result.state.activations),
+        "folded_batchnorm": len(result.folded),
+        "calibration_samples": len(calibration),
+        "placement": "fx graph" if result.plan.traced else "module inputs (fx trace failed)",
+        **target_metrics(result.state.info),
+    }
+    if p.weight_bits < 8:
+        metrics["note"] = (
+            f"{p.weight_bits}-bit weights: {levels} levels, stored and run on the int8 grid "
+            "(no int4 kernels); no size or speed gain over int8 from the lower bit width"
+        )
+    if result.unobserved:
+        metrics["unobserved_points"] = result.unobserved
+    log.info("%d layers quantized, %d kept in float, %d BatchNorms folded; target %s",
+             len(result.quantized), len(result.skipped), len(result.folded),
+             metrics["target"])
+    return QuantizeResult(model, result.state, metrics)
+
+
+def refuse_quantized(model: nn.Module) -> None:
+    """A :class:`MethodError` for a model that already carries a quantization state."""
+    state = quantization_of(model)
+    if state is not None:
+        raise MethodError(f"the model is already quantized (method {state.method!r}); quantize "
+                          "the float model instead")

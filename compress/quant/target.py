@@ -31,6 +31,7 @@ __all__ = [
     "module_weight_kernel",
     "resolve_target",
     "scheme_record",
+    "target_metrics",
 ]
 
 WeightGrid = Literal["symmetric", "affine", "odd"]
@@ -65,4 +66,17 @@ def scheme_record(
         "int8_scheme": resolved.scheme.to_dict(),
         "weight_bits_lowered": lowered,
         "weight_bits_used": sorted(set(used_bits.values())),
+    }
+
+
+def target_metrics(info: dict[str, Any]) -> dict[str, Any]:
+    """The deployment-target part of a quantization stage's metrics (from ``QuantState.info``,
+    see :func:`slimline.compress.quant.target.scheme_record`): which target, its scheme and
+    why, and how many layers got fewer weight bits than asked for."""
+    scheme = info.get("int8_scheme") or {}
+    return {
+        "target": info.get("target"),
+        "int8_scheme": scheme.get("reason"),
+        "weight_bits_used": info.get("weight_bits_used"),
+        "weight_bits_lowered": len(info.get("weight_bits_lowered") or {}),
     }

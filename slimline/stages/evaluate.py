@@ -37,7 +37,7 @@ def evaluate(ctx: StageContext, inputs: list[Artifact], p: EvalParams) -> Artifa
         if onnx_path is None:
             raise ctx.fail("backend 'onnx' needs an exported model: put an export stage in "
                            "its 'needs'")
-        from slimline.stages.export import exact_on_this_machine, not_exact_here_note
+        from slimline.compress.deploy import exact_on_this_machine, not_exact_here_note
 
         exact_here = exact_on_this_machine(onnx_path)
         logits = predict_onnx(onnx_path, x, p.batch_size, optimize=exact_here)

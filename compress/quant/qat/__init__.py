@@ -2,8 +2,9 @@
 tracking (Nagel et al., 2022) and the OFQ techniques CGA and QKR (Liu et al., ICML 2023)."""
 
 from slimline.compress.quant.qat.cga import FrozenWeights, boundary_distance, confident_mask
+from slimline.compress.quant.qat.config import QATConfig
 from slimline.compress.quant.qat.lsq import LSQQuantizer, lsq_quantize
-from slimline.compress.quant.qat.model import QATConfig, QATController
+from slimline.compress.quant.qat.model import QATController
 from slimline.compress.quant.qat.oscillation import OscillationTracker
 from slimline.compress.quant.qat.qkr import merged_query_key, qkr_attention
 from slimline.compress.quant.qat.statsq import (

@@ -9,43 +9,26 @@ attached (so artifacts save and the int8 exporter reads it like any other quanti
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from slimline.compress.quant.qat.cga import FrozenWeights, confident_mask
+from slimline.compress.quant.qat.config import QATConfig
 from slimline.compress.quant.qat.lsq import LSQQuantizer
 from slimline.compress.quant.qat.oscillation import OscillationTracker
 from slimline.compress.quant.qat.qkr import merged_query_key, qkr_attention
 from slimline.compress.quant.qat.statsq import StatsQQuantizer, statsq_scale, statsq_spec
 from slimline.compress.quant.spec import QuantSpec
 from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
-from slimline.compress.quant.target import WeightGrid, layer_weight_bits, scheme_record
+from slimline.compress.quant.target import Target, WeightGrid, layer_weight_bits, scheme_record
 
 __all__ = ["QATConfig", "QATController"]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-@dataclass
-class QATConfig:
-    weight_quantizer: Literal["lsq", "statsq"] = "statsq"
-    weight_bits: int = 3
-    activation_bits: int = 3
-    qkr: bool = False
-    boundary_range: float = 0.005  # CGA: steps from a rounding boundary that still train
-    skip: str | None = r"^(patch_embed|head)$"
-    # Nagel et al. use momentum 0.01 over thousands of steps; our runs have ~25 steps per epoch,
-    # so 0.05 makes the frequency a window of about one epoch.
-    oscillation_momentum: float = 0.05
-    oscillation_threshold: float = 0.02
-    # The CPU the int8 file is for ("auto": this one): may lower a layer's weight bits to what
-    # its kernels compute exactly (slimline.export.target); the model trains on that grid.
-    target: str = "auto"
 
 
 def _position(quantizer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -73,8 +56,9 @@ class _QuantizeInput:
 class QATController:
     """Installs QAT on ``model`` (in place); see the module docstring."""
 
-    def __init__(self, model: nn.Module, config: QATConfig):
-        self.model, self.config = model, config
+    def __init__(self, model: nn.Module, config: QATConfig,
+                 target: Target | str | None = "auto"):
+        self.model, self.config, self.target = model, config, target
         self.tracker = OscillationTracker(config.oscillation_momentum, config.oscillation_threshold)
         self.frozen = FrozenWeights()
         self.attentions = {
@@ -105,7 +89,7 @@ class QATController:
 
     def _bits(self, module: nn.Module, grid: WeightGrid) -> int:
         """The configured weight bits, lowered where the target's kernels need it."""
-        bits = layer_weight_bits(module, self.config.weight_bits, self.config.target, grid=grid)
+        bits = layer_weight_bits(module, self.config.weight_bits, self.target, grid=grid)
         self.layer_bits[module] = bits
         return bits
 
@@ -240,7 +224,7 @@ class QATController:
                 "activation_bits": a_bits,
                 "qkr": self.config.qkr,
                 **scheme_record(
-                    self.config.target,
+                    self.target,
                     self.config.weight_bits,
                     {name: self.layer_bits[m] for name, m in self.layers.items()},
                 ),

@@ -1,32 +1,45 @@
-"""``prune.channels``: structured pruning that physically removes channels and attention heads.
+"""The ``prune.channels`` method: structured pruning that physically removes channels and
+heads (:func:`slimline.compress.prune.structured.prune_channels`) behind one config.
 
 With ``target: latency`` the budget is onnxruntime latency predicted by a per-layer table
-(:mod:`slimline.compress.prune.layer_latency`): loaded from ``latency_table`` (e.g. measured on the target
-device) or measured here and saved as ``layer_latency.json`` in the stage's folder. After pruning
-the whole pruned model is timed once more so the metrics show how well the table predicted it.
+(:mod:`slimline.compress.prune.layer_latency`): loaded from ``latency_table`` (e.g. measured on
+the target device) or measured now and returned in ``extras["latency_table"]``. The pruned model
+is then timed once more, so the metrics show how well the table predicted it.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from slimline.artifact import Artifact
+import torch.nn as nn
+
+from slimline.compress.methods import (
+    MethodConfig,
+    MethodError,
+    MethodInputs,
+    PruneResult,
+    register_pruner,
+)
 from slimline.compress.prune.channel_importance import ChannelMagnitudeImportance
 from slimline.compress.prune.structured import (
     ChannelPruningResult,
     StructuredPruningError,
     prune_channels,
 )
-from slimline.io import atomic_path
-from slimline.params import ParamError, check_range, param
-from slimline.stage import StageContext, register_stage
+from slimline.params import ParamError, check_range, check_regex, param
+
+__all__ = ["ChannelConfig", "prune_channels_method"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
-class ChannelPruneParams:
+class ChannelConfig(MethodConfig):
+    """Structured pruning: remove whole channels and attention heads (DepGraph-coupled) to a
+    channel, FLOPs or measured-latency budget; data-free."""
+
     ratio: float = param(0.3, help="fraction of `target` to remove, in [0, 1)")
     target: Literal["channels", "flops", "latency"] = param(
         "channels",
@@ -81,24 +94,20 @@ class ChannelPruneParams:
             raise ParamError("latency_runs", f"must be at least 1, got {self.latency_runs}")
         if self.latency_table is not None and self.target != "latency":
             raise ParamError("latency_table", "is only used with target: latency")
-        if self.ignore is not None:
-            try:
-                re.compile(self.ignore)
-            except re.error as exc:
-                raise ParamError("ignore", f"invalid regular expression: {exc}") from None
+        check_regex("ignore", self.ignore)
 
 
-@register_stage("prune.channels", ChannelPruneParams)
-def prune_channels_stage(
-    ctx: StageContext, inputs: list[Artifact], p: ChannelPruneParams
-) -> Artifact:
-    """Structured pruning: remove channels/heads (DepGraph-coupled) to a channel or FLOPs target."""
-    out = inputs[0].derive(copy_model=True)
-    table = _latency_table(ctx, out, p) if p.target == "latency" else None
+@register_pruner(ChannelConfig)
+def prune_channels_method(model: nn.Module, config: ChannelConfig,
+                          inputs: MethodInputs) -> PruneResult:
+    p = config
+    example = inputs.require_example("prune.channels")
+    extras: dict[str, Any] = {}
+    table = _latency_table(model, example, p, extras) if p.target == "latency" else None
     try:
         result = prune_channels(
-            out.model,
-            out.example_input(1),
+            model,
+            example,
             p.ratio,
             target=p.target,
             importance=ChannelMagnitudeImportance(p=1 if p.importance == "l1" else 2),
@@ -109,20 +118,13 @@ def prune_channels_stage(
             prune_heads=p.prune_heads,
             prune_embedding=p.prune_embedding,
             dp_distortion=p.dp_distortion,
-            masks=out.masks,
+            masks=inputs.masks,
             latency_table=table,
         )
     except StructuredPruningError as exc:
-        raise ctx.fail(str(exc)) from None
-    out.model.eval()
-    record = result.to_dict()
-    previous = out.state.get("pruning")
-    out.state["pruning"] = {
-        "method": "channels",
-        **record,
-        **({"previous": previous} if previous else {}),
-    }
-    out.metrics = {
+        raise MethodError(str(exc)) from None
+    model.eval()
+    metrics = {
         "flops_before": result.flops_before,
         "flops_after": result.flops_after,
         "flops_ratio": result.flops_ratio,
@@ -137,83 +139,60 @@ def prune_channels_stage(
         "skipped": result.skipped,
     }
     if table is not None:
-        out.metrics |= _latency_check(ctx, out, result, p)
-    out.files["channels_png"] = plot_layer_channels(
-        result,
-        ctx.work_dir / "channels.png",
-        title=f"{ctx.stage_id}: {p.allocation}, {p.ratio:.0%} of {p.target}, FLOPs x"
-        f"{result.flops_ratio:.2f}",
-    )
-    ctx.log(
-        f"kept {1 - result.channels_removed:.1%} of prunable channels, FLOPs "
-        f"{result.flops_ratio:.1%}, params {result.params_ratio:.1%}"
-    )
+        metrics |= _latency_check(model, example, result, p)
     odd = sorted(
         n for n, (before, after) in result.layer_channels.items() if after != before and after % 8
     )
     if p.round_to == 1 and odd:
-        ctx.log(
-            f"{len(odd)} layers have widths that are not multiples of 8 (e.g. {odd[0]}); "
-            "onnxruntime may run them slower than expected: consider round_to: 8 or 16"
-        )
-    return out
+        log.info("%d layers have widths that are not multiples of 8 (e.g. %s); onnxruntime may "
+                 "run them slower than expected: consider round_to: 8 or 16", len(odd), odd[0])
+    # The masks were sliced with the channels (the surgery keeps them aligned).
+    return PruneResult(model, inputs.masks, {"method": "channels", **result.to_dict()}, metrics,
+                       extras)
 
 
-def _latency_table(ctx: StageContext, out: Artifact, p: ChannelPruneParams) -> Any:
-    """The given table, or one measured now and cached as ``layer_latency.json`` (reused if the
-    stage folder already has one for this model)."""
+def _latency_table(model: nn.Module, example: Any, p: ChannelConfig,
+                   extras: dict[str, Any]) -> Any:
+    """The given table, or one measured now (returned in ``extras`` to be kept)."""
+    from slimline.compress.prune.layer_latency import build_layer_latency_table
     from slimline.export.layer_lut import LayerLatencyTable, LutError
 
     if p.latency_table is not None:
         try:
             return LayerLatencyTable.load(p.latency_table)
         except FileNotFoundError:
-            raise ctx.fail(f"latency_table {p.latency_table!r} does not exist") from None
+            raise MethodError(f"latency_table {p.latency_table!r} does not exist") from None
         except LutError as exc:
-            raise ctx.fail(str(exc)) from None
-    from slimline.compress.prune.layer_latency import build_layer_latency_table, model_layer_widths
-
-    path = ctx.work_dir / "layer_latency.json"
-    if path.is_file():
-        try:
-            cached = LayerLatencyTable.load(path)
-            cached.check_layers(model_layer_widths(out.model))
-            out.files["latency_table"] = path
-            return cached
-        except LutError:
-            pass  # a stale table for another model: measure again
-    ctx.log("measuring a per-layer latency table (onnxruntime, 1 thread, batch 1)")
+            raise MethodError(str(exc)) from None
+    log.info("measuring a per-layer latency table (onnxruntime, 1 thread, batch 1)")
     try:
         table = build_layer_latency_table(
-            out.model,
-            out.example_input(1),
+            model,
+            example,
             round_to=p.round_to,
             max_group_ratio=p.max_group_ratio,
             ignore=p.ignore,
             grid_points=p.latency_grid,
             runs=p.latency_runs,
-            progress=ctx.log,
+            progress=log.info,
         )
     except StructuredPruningError as exc:
-        raise ctx.fail(str(exc)) from None
-    out.files["latency_table"] = table.save(path)
-    ctx.log(f"latency table: {table.meta['timings']} timings in {table.meta['build_s']} s")
+        raise MethodError(str(exc)) from None
+    log.info("latency table: %s timings in %s s", table.meta["timings"], table.meta["build_s"])
+    extras["latency_table"] = table
     return table
 
 
-def _latency_check(
-    ctx: StageContext, out: Artifact, result: ChannelPruningResult, p: ChannelPruneParams
-) -> dict[str, Any]:
+def _latency_check(model: nn.Module, example: Any, result: ChannelPruningResult,
+                   p: ChannelConfig) -> dict[str, Any]:
     """Predicted latency before/after, and the pruned model measured against the prediction."""
     from slimline.compress.prune.layer_latency import measure_model_latency
 
-    measured = measure_model_latency(out.model, out.example_input(1), runs=p.latency_runs)
+    measured = measure_model_latency(model, example, runs=p.latency_runs)
     predicted = float(result.latency_after_ms or 0.0)
     error = (predicted - measured["median_ms"]) / measured["median_ms"]
-    ctx.log(
-        f"latency predicted {result.latency_before_ms:.3f} -> {predicted:.3f} ms, measured "
-        f"{measured['median_ms']:.3f} ms ({error:+.1%} prediction error)"
-    )
+    log.info("latency predicted %.3f -> %.3f ms, measured %.3f ms (%+.1f%% prediction error)",
+             result.latency_before_ms, predicted, measured["median_ms"], 100 * error)
     return {
         "latency_predicted_before_ms": result.latency_before_ms,
         "latency_predicted_after_ms": predicted,
@@ -224,30 +203,3 @@ def _latency_check(
         "latency_measured_p90_ms": measured["p90_ms"],
         "latency_prediction_error": error,
     }
-
-
-def plot_layer_channels(result: ChannelPruningResult, path: Path, *, title: str = "") -> Path:
-    """Bar chart of every Conv/Linear layer's output channels before and after (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    names = list(result.layer_channels)
-    before = [result.layer_channels[n][0] for n in names]
-    after = [result.layer_channels[n][1] for n in names]
-    figure, axes = plt.subplots(figsize=(max(5.0, 0.3 * len(names) + 2), 4), dpi=110)
-    positions = range(len(names))
-    axes.bar(positions, before, color="tab:gray", alpha=0.35, label="before")
-    axes.bar(positions, after, color="tab:blue", label="after")
-    axes.set_xticks(list(positions))
-    axes.set_xticklabels(names, rotation=75, fontsize=7)
-    axes.set_ylabel("output channels")
-    axes.set_title(title, fontsize=9)
-    axes.legend(fontsize=8)
-    axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return path

@@ -1,17 +1,29 @@
-"""``prune.unstructured``: layer-adaptive unstructured pruning (uniform, global, LAMP, DIMAP, and
-Xu et al.'s rate-distortion DP, data-free by default)."""
+"""Layer-adaptive unstructured pruning (the ``prune.unstructured`` method): uniform, global,
+LAMP, DIMAP (module-aware, weight-only) and Xu et al.'s rate-distortion DP, data-free by default.
+
+:func:`prune_unstructured` is the whole method on a plain module: candidate weights, importance,
+allocation (for ``dp``: distortion curves measured on data-free inputs, the DP of
+:mod:`slimline.compress.prune.rate_distortion`, refinement and the additivity check), masks
+composed with earlier pruning, and the output distortion it caused.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from slimline.artifact import Artifact
-from slimline.compress.prune import layer_sparsity, prunable_weights
+from slimline.compress.methods import (
+    MethodConfig,
+    MethodError,
+    MethodInputs,
+    PruneResult,
+    compose_masks,
+    register_pruner,
+)
 from slimline.compress.prune.allocation import (
     keep_budget,
     masks_from_counts,
@@ -29,18 +41,22 @@ from slimline.compress.prune.importance import (
     check_finite,
 )
 from slimline.compress.prune.inputs import bn_matched_inputs, has_batch_norm, random_inputs
-from slimline.compress.prune.magnitude import apply_masks
+from slimline.compress.prune.magnitude import candidate_weights, masked_sparsity, prunable_weights
 from slimline.compress.prune.rate_distortion import rd_allocation
 from slimline.evaluation import predict
-from slimline.io import atomic_path, write_json
+from slimline.masks import apply_masks
 from slimline.params import ParamError, check_range, check_regex, param
-from slimline.stage import StageContext, register_stage
+
+__all__ = ["UnstructuredConfig", "prune_unstructured"]
 
 DEFAULT_MODULES = [{"name": r.name, "regex": r.regex} for r in VIT_MODULES]
 
 
 @dataclass
-class UnstructuredPruneParams:
+class UnstructuredConfig(MethodConfig):
+    """Layer-adaptive unstructured pruning: uniform, global, LAMP, DIMAP or Xu et al.'s
+    rate-distortion DP; data-free unless ``distortion_data`` is ``calibration``."""
+
     sparsity: float = param(0.5, help="fraction of the candidate weights set to zero, in [0, 1)")
     allocation: Literal["uniform", "global", "lamp", "dp"] = param(
         "dp",
@@ -109,6 +125,9 @@ class UnstructuredPruneParams:
                 "score=magnitude",
             )
 
+    def uses_data(self) -> bool:
+        return self.distortion_data == "calibration"
+
     def grid_levels(self) -> np.ndarray:
         if isinstance(self.grid, int):
             if self.grid < 2:
@@ -141,37 +160,33 @@ class UnstructuredPruneParams:
         return rules
 
 
-@register_stage("prune.unstructured", UnstructuredPruneParams)
+@register_pruner(UnstructuredConfig)
 def prune_unstructured(
-    ctx: StageContext, inputs: list[Artifact], p: UnstructuredPruneParams
-) -> Artifact:
-    """Layer-adaptive unstructured pruning: uniform, global, LAMP, DIMAP or rate-distortion DP."""
-    out = inputs[0].derive(copy_model=True)
-    apply_masks(out.model, out.masks)  # earlier pruning stays: those weights count as pruned
-    candidates = prunable_weights(out.model, p.include, p.exclude)
-    if not candidates:
-        every = ", ".join(prunable_weights(out.model)) or "none"
-        raise ctx.fail(
-            f"include={p.include!r} / exclude={p.exclude!r} match no prunable "
-            f"weight. Prunable weights: {every}"
-        )
+    model: nn.Module, config: UnstructuredConfig, inputs: MethodInputs
+) -> PruneResult:
+    """Prune ``model`` in place (see the module docstring); ``inputs.example_input`` gives the
+    input shape of the data-free distortion batch."""
+    p = config
+    apply_masks(model, inputs.masks)  # earlier pruning stays: those weights count as pruned
+    candidates = candidate_weights(model, p.include, p.exclude)
     module_of: dict[str, str] = {}
     if p.score == "dimap":
         try:
-            module_of = assign_modules(out.model, list(candidates), p.module_rules())
+            module_of = assign_modules(model, list(candidates), p.module_rules())
         except ValueError as exc:
-            raise ctx.fail(str(exc)) from None
+            raise MethodError(str(exc)) from None
         candidates = {n: w for n, w in candidates.items() if n in module_of}
     weights = {n: w.detach() for n, w in candidates.items()}
     try:
         check_finite(weights)
     except ValueError as exc:
-        raise ctx.fail(str(exc)) from None
+        raise MethodError(str(exc)) from None
 
-    distortion_inputs, data_kind = _distortion_inputs(ctx, out, p)
-    reference = predict(out.model, distortion_inputs)  # the model as it came in (old masks on)
+    distortion_inputs, data_kind = distortion_batch(model, p, inputs)
+    reference = predict(model, distortion_inputs)  # the model as it came in (old masks on)
     metrics: dict[str, Any] = {}
-    state: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
     magnitude = MagnitudeImportance(p=1)(weights)
     total = sum(w.numel() for w in weights.values())
     budget = keep_budget(total, p.sparsity)
@@ -180,31 +195,29 @@ def prune_unstructured(
     elif p.allocation == "lamp" or p.score == "lamp":
         counts = threshold_allocation(LAMPImportance()(weights), p.sparsity)
     elif p.score == "dimap":
-        importance = DIMAPImportance(module_of)
-        counts = threshold_allocation(importance(weights), p.sparsity)
+        counts = threshold_allocation(DIMAPImportance(module_of)(weights), p.sparsity)
     elif p.allocation == "global":
         counts = threshold_allocation(magnitude, p.sparsity)
     else:
-        counts = _dp(ctx, out, p, list(weights), distortion_inputs, budget, metrics, state)
-    masks = masks_from_counts(magnitude, counts)
+        counts = _dp(model, p, inputs, list(weights), distortion_inputs, budget, metrics,
+                     record, extras)
+    new = masks_from_counts(magnitude, counts)
     if p.score == "dimap":
-        pruned = {n: ~m for n, m in masks.items()}
-        state["modules"] = {
+        pruned = {n: ~m for n, m in new.items()}
+        record["modules"] = {
             m: [n for n in weights if module_of[n] == m] for m in dict.fromkeys(module_of.values())
         }
-        state["module_thresholds"] = DIMAPImportance(module_of).module_thresholds(weights, pruned)
+        record["module_thresholds"] = DIMAPImportance(module_of).module_thresholds(weights, pruned)
 
-    for name, mask in masks.items():  # compose with earlier pruning instead of undoing it
-        out.masks[name] = mask & out.masks[name] if name in out.masks else mask
-    apply_masks(out.model, out.masks)
-    pruned_output = predict(out.model, distortion_inputs)
-    per_layer = layer_sparsity(out.model, list(weights))
-    zeros = sum(per_layer[n] * weights[n].numel() for n in weights)
-    all_prunable = prunable_weights(out.model)
+    masks = compose_masks(inputs.masks, new)
+    apply_masks(model, masks)
+    pruned_output = predict(model, distortion_inputs)
+    sparsity, per_layer = masked_sparsity(model, list(weights))
+    all_prunable = prunable_weights(model)
     all_zeros = sum(int((w == 0).sum()) for w in all_prunable.values())
     metrics.update(
         {
-            "sparsity": zeros / total,
+            "sparsity": sparsity,
             "target_sparsity": p.sparsity,
             "sparsity_all_prunable": all_zeros / sum(w.numel() for w in all_prunable.values()),
             "layer_sparsity": per_layer,
@@ -212,60 +225,58 @@ def prune_unstructured(
             "distortion_data": data_kind,
         }
     )
-    out.state["pruning"] = {
+    record = {
         "method": "unstructured",
         "allocation": p.allocation,
         "score": p.score,
         "target": p.sparsity,
         "budget_kept": budget,
         "layer_sparsity": per_layer,
-        **state,
+        **record,
     }
-    out.metrics = metrics
-    out.files["layer_sparsity_png"] = plot_layer_sparsity(
-        per_layer,
-        ctx.work_dir / "layer_sparsity.png",
-        title=f"{ctx.stage_id}: {p.allocation}/{p.score}, target {p.sparsity:.0%}",
-    )
-    return out
+    return PruneResult(model, masks, record, metrics, extras)
 
 
-def _distortion_inputs(
-    ctx: StageContext, artifact: Artifact, p: UnstructuredPruneParams
+def distortion_batch(
+    model: nn.Module, p: UnstructuredConfig, inputs: MethodInputs
 ) -> tuple[torch.Tensor, str]:
-    """The distortion batch and which kind it is (``auto`` resolved)."""
+    """The inputs output distortion is measured on, and which kind they are (``auto``
+    resolved): BN-matched or N(0,1) synthetic inputs (data-free), or calibration samples."""
     kind = p.distortion_data
     if kind == "auto":
-        kind = "bn" if has_batch_norm(artifact.model) else "random"
+        kind = "bn" if has_batch_norm(model) else "random"
     if kind == "calibration":
-        return ctx.data.calibration(p.samples, seed=ctx.seed), kind
+        data = inputs.require_data("distortion_data=calibration")
+        return data.calibration(p.samples, seed=inputs.seed), kind
+    input_shape = tuple(inputs.require_example("prune.unstructured").shape[1:])
     if kind == "bn":
         try:
-            inputs = bn_matched_inputs(
-                artifact.model, artifact.input_shape, p.samples, steps=p.bn_steps, seed=ctx.seed
-            )
+            batch = bn_matched_inputs(model, input_shape, p.samples, steps=p.bn_steps,
+                                      seed=inputs.seed)
         except ValueError as exc:
-            raise ctx.fail(f"distortion_data=bn: {exc}") from None
-        return inputs, kind
-    return random_inputs(artifact.input_shape, p.samples, seed=ctx.seed), kind
+            raise MethodError(f"distortion_data=bn: {exc}") from None
+        return batch, kind
+    return random_inputs(input_shape, p.samples, seed=inputs.seed), kind
 
 
 def _dp(
-    ctx: StageContext,
-    out: Artifact,
-    p: UnstructuredPruneParams,
+    model: nn.Module,
+    p: UnstructuredConfig,
+    inputs: MethodInputs,
     names: list[str],
     distortion_inputs: torch.Tensor,
     budget: int,
     metrics: dict[str, Any],
-    state: dict[str, Any],
+    record: dict[str, Any],
+    extras: dict[str, Any],
 ) -> dict[str, int]:
-    """Curves, DP, refinement and the additivity check; fills metrics/state, returns counts."""
+    """Curves, DP, refinement and the additivity check; fills metrics/record/extras, returns
+    the kept weights per layer."""
     levels = p.grid_levels()
-    with ctx.progress(len(names), "distortion curves") as bar:
+    with inputs.progress(len(names), "distortion curves") as bar:
         try:
             result = rd_allocation(
-                out.model,
+                model,
                 names,
                 distortion_inputs,
                 budget,
@@ -277,7 +288,7 @@ def _dp(
                 progress=bar.update,
             )
         except ValueError as exc:
-            raise ctx.fail(
+            raise MethodError(
                 f"{exc} (sparsity={p.sparsity}, highest grid level {levels.max():.2f}; "
                 "add higher levels to `grid`)"
             ) from None
@@ -290,49 +301,21 @@ def _dp(
     )
     if p.additivity_samples:
         check = additivity(
-            out.model,
+            model,
             result.curves,
             distortion_inputs,
             samples=p.additivity_samples,
-            seed=ctx.seed,
+            seed=inputs.seed,
             reduction=p.reduction,
         )
         metrics["additivity"] = check.pearson
-        state["additivity"] = check.as_dict()
-    state["dp"] = {"rounds": result.rounds, "grid": levels.tolist()}
-    path = ctx.work_dir / "distortion_curves.json"
+        record["additivity"] = check.as_dict()
+    record["dp"] = {"rounds": result.rounds, "grid": levels.tolist()}
     curves = result.curves
-    write_json(
-        path,
-        {
-            "names": curves.names,
-            "levels": levels.tolist(),
-            "distortion": curves.distortion.tolist(),
-            "kept": curves.kept.tolist(),
-        },
-    )
-    out.files["distortion_curves"] = path
+    extras["distortion_curves"] = {
+        "names": curves.names,
+        "levels": levels.tolist(),
+        "distortion": curves.distortion.tolist(),
+        "kept": curves.kept.tolist(),
+    }
     return result.counts
-
-
-def plot_layer_sparsity(per_layer: dict[str, float], path: Path, *, title: str = "") -> Path:
-    """Bar chart of per-layer sparsity (PNG), written atomically; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    names = list(per_layer)
-    figure, axes = plt.subplots(figsize=(max(5.0, 0.3 * len(names) + 2), 4), dpi=110)
-    axes.bar(range(len(names)), [100 * per_layer[n] for n in names], color="tab:blue")
-    axes.set_xticks(range(len(names)))
-    axes.set_xticklabels([n.removesuffix(".weight") for n in names], rotation=75, fontsize=7)
-    axes.set_ylabel("sparsity (%)")
-    axes.set_ylim(0, 100)
-    axes.set_title(title, fontsize=9)
-    axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    plt.close(figure)
-    return path
