@@ -90,6 +90,7 @@ def export_model(
     diverging node too). ``target`` is the CPU an int8 file is for (see the module docstring).
     """
     from slimline.export import ExportError, check_parity, export_onnx, graph_summary
+    from slimline.export.onnx_export import onnx_inputs_of
 
     config = config or ExportConfig()
     target = resolve_target(target)
@@ -100,8 +101,9 @@ def export_model(
         if config.format == "int8":
             int8 = _export_int8(model, example_input, path, config, target)
         else:
-            export_onnx(model, example_input, path, opset=config.opset,
-                        dynamic_batch=config.dynamic_batch)
+            tensors, names = onnx_inputs_of(model, example_input)
+            export_onnx(model, tensors, path, opset=config.opset,
+                        dynamic_batch=config.dynamic_batch, input_names=names)
     except ExportError as exc:
         raise MethodError(str(exc)) from None
     exact_here = config.format != "int8" or exact_on_this_machine(path)
@@ -116,7 +118,8 @@ def export_model(
         passed = parity.passed
         bounds = f"atol {config.atol} + rtol {config.rtol} x max|logit|"
     if not passed:
-        why = _int8_diagnosis(path, samples, exact_here) if config.format == "int8" else ""
+        why = (_int8_diagnosis(path, model, samples, exact_here) if config.format == "int8"
+               else "")
         path.unlink(missing_ok=True)
         raise MethodError(
             f"onnxruntime {config.format} output differs from PyTorch: max |diff| = "
@@ -166,7 +169,7 @@ def not_exact_here_note(target: str) -> str:
     )
 
 
-def _int8_diagnosis(path: Path, samples: Any, exact_here: bool) -> str:
+def _int8_diagnosis(path: Path, model: nn.Module, samples: torch.Tensor, exact_here: bool) -> str:
     """The first diverging node (and the saturation signature), as the start of a sentence."""
     if not exact_here:
         return (
@@ -176,10 +179,13 @@ def _int8_diagnosis(path: Path, samples: Any, exact_here: bool) -> str:
     from slimline.export.graph import graph_summary
     from slimline.export.int8numerics import explain_int8_mismatch
     from slimline.export.machine import machine_info
+    from slimline.export.onnx_export import onnx_inputs_of
 
-    name = graph_summary(path).inputs[0].name
+    declared = [info.name for info in graph_summary(path).inputs]
+    tensors, names = onnx_inputs_of(model, samples)
+    feed = {name: t.numpy() for name, t in zip(names or declared, tensors) if name in declared}
     try:
-        text = explain_int8_mismatch(path, {name: samples.numpy()}, machine=machine_info())
+        text = explain_int8_mismatch(path, feed, machine=machine_info())
     except Exception as exc:  # a diagnosis must never hide the parity failure itself
         return f"(no node-level diagnosis: {type(exc).__name__}: {exc}); "
     return f"{text}; "
@@ -230,6 +236,15 @@ def _export_int8(model: nn.Module, example_input: torch.Tensor, path: Path, p: E
         "target": report["target"],
         "int8_scheme": target.scheme.reason,
     }
+    float_matmuls = metrics["ort_float_ops"].get("MatMul", 0)
+    if float_matmuls:
+        # Transformers: QK^T and probs.V multiply two activations; only weight layers carry
+        # a quantization state, so these stay float, and so does any weight in float_weights.
+        metrics["float_matmuls"] = (
+            f"{float_matmuls} MatMul(s) run in float: attention's activation x activation "
+            "products (scores, weighted values) are not quantized"
+            + (f"; nor are these weights: {', '.join(qdq.float_weights[:4])}"
+               if qdq.float_weights else ""))
     if isinstance(bits, int) and bits < 8:
         metrics["note"] = (
             f"{bits}-bit weights exported on the int8 grid "

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 import torch
 import torch.nn as nn
 
+from slimline.inputs import InputSpec
 from slimline.progress import Progress
 
 if TYPE_CHECKING:
@@ -78,6 +79,13 @@ class MethodInputs:
     seed: int = 0
     progress: ProgressFactory = no_progress
     teacher: nn.Module | None = None
+    input_spec: InputSpec | None = None  # default: float inputs shaped like example_input
+
+    def synthetic(self, samples: int, method: str) -> torch.Tensor:
+        """``samples`` data-free inputs: valid token ids or N(0, 1) features (see
+        :class:`slimline.inputs.InputSpec`), from ``seed``."""
+        spec = self.input_spec or InputSpec.of(self.require_example(method))
+        return spec.random(samples, seed=self.seed)
 
     def require_data(self, method: str) -> Dataset:
         if self.data is None:
@@ -173,6 +181,7 @@ def prune(
     teacher: nn.Module | None = None,
     seed: int = 0,
     progress: ProgressFactory | None = None,
+    input_spec: InputSpec | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with the method ``config`` configures (see the module docs).
 
@@ -180,7 +189,8 @@ def prune(
     earlier pruning stay pruned and are composed with the new ones.
     """
     inputs = MethodInputs(data=data, masks=dict(masks or {}), example_input=example_input,
-                          seed=seed, progress=progress or no_progress, teacher=teacher)
+                          seed=seed, progress=progress or no_progress, teacher=teacher,
+                          input_spec=input_spec)
     return _handler(_PRUNERS, config, "pruning")(model, config, inputs)
 
 
@@ -195,12 +205,13 @@ def quantize(
     teacher: nn.Module | None = None,
     seed: int = 0,
     progress: ProgressFactory | None = None,
+    input_spec: InputSpec | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place for the CPU ``target`` (``"auto"``: this one; see
     :mod:`slimline.export.target`) with the method ``config`` configures."""
     inputs = MethodInputs(data=data, masks=dict(masks or {}), example_input=example_input,
                           target=target, seed=seed, progress=progress or no_progress,
-                          teacher=teacher)
+                          teacher=teacher, input_spec=input_spec)
     return _handler(_QUANTIZERS, config, "quantization")(model, config, inputs)
 
 

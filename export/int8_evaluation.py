@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .feeds import pad_id_of, sample_feeds
 from .graph import OnnxFileError, graph_summary, load_model
 from .ort_quant import OrtQuantizeConfig, first_error_line
 
@@ -47,7 +48,7 @@ def compare_onnx_models(
     batch_size: int = 256,
     int8_reference: bool = False,
 ) -> QuantEvaluation:
-    """Run both single-input classifiers on ``inputs`` with onnxruntime and compare the logits.
+    """Run both classifiers (single-input, or token models fed ids) on ``inputs`` with onnxruntime and compare the logits.
 
     Sessions use one thread: the numbers must not depend on the machine's load.
     ``int8_reference`` runs the int8 file without graph optimizations (its QDQ semantics, not
@@ -148,13 +149,11 @@ def _predict(path: Path, inputs: np.ndarray, batch_size: int, optimize: bool = T
         )
     except Exception as exc:
         raise OnnxFileError(f"{path}: onnxruntime cannot load this model: {first_error_line(exc)}") from exc
-    signature = session.get_inputs()
-    if len(signature) != 1:
-        raise ValueError(f"{path} has {len(signature)} inputs; only single-input models compare")
-    name = signature[0].name
-    data = np.asarray(inputs, dtype=np.float32)
+    signature = graph_summary(path).inputs
+    pad_id = pad_id_of(session.get_modelmeta().custom_metadata_map)
+    data = np.asarray(inputs)
     outputs = [
-        session.run(None, {name: data[start : start + batch_size]})[0]
+        session.run(None, sample_feeds(signature, data[start : start + batch_size], pad_id))[0]
         for start in range(0, len(data), batch_size)
     ]
     return np.concatenate(outputs).astype(np.float64)

@@ -116,6 +116,7 @@ class LatencyReport:
     quant_format: str = "float"  # see slimline.export.graph.quant_format
     # Why an int8 model may not beat fp32 here (see slimline.export.int8check); also raised as warnings.
     diagnostics: tuple[str, ...] = ()
+    seq_len: int | None = None  # token models: the sequence length timed
 
     @property
     def name(self) -> str:
@@ -163,6 +164,7 @@ def profile_onnx(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     graph_optimization: str = "all",
     input_shapes: dict[str, list[int]] | None = None,
+    seq_len: int | None = None,
     seed: int = 0,
     per_op: bool = False,
     per_op_runs: int = 50,
@@ -172,7 +174,8 @@ def profile_onnx(
 
     Inputs are random tensors from the model's input metadata (see
     :func:`slimline.export.feeds.random_inputs`): a dynamic dimension 0 is the batch size; other dynamic
-    dimensions must be given by ``input_shapes``.
+    dimensions must be given by ``input_shapes``, or for token models by ``seq_len`` (every
+    dimension named ``seq``: input ids and attention masks, all ones).
 
     Each batch size gets ``warmup`` untimed runs, then ``runs`` timed runs, or, with
     ``duration_s``, as many as fit in that time (``runs`` is then ignored, minimum
@@ -231,7 +234,8 @@ def profile_onnx(
     results, op_profiles = [], []
     for batch_size in batch_sizes:
         try:
-            feeds = random_inputs(signature, batch_size, input_shapes=input_shapes, rng=rng)
+            feeds = random_inputs(signature, batch_size, input_shapes=input_shapes,
+                                  dims={"seq": seq_len} if seq_len else None, rng=rng)
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
         _first_run(session, feeds, path)
@@ -267,6 +271,7 @@ def profile_onnx(
         op_profiles=tuple(op_profiles),
         quant_format=summary.quant_format,
         diagnostics=tuple(diagnostics),
+        seq_len=seq_len if any(i.dtype.startswith("int") for i in summary.inputs) else None,
     )
 
 

@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,14 @@ import onnx
 import torch
 from torch import nn
 
+from .feeds import PAD_ID_KEY
 from .graph import atomic_write_bytes
 
 __all__ = [
     "MIN_OPSET",
     "ExportError",
     "export_onnx",
+    "onnx_inputs_of",
 ]
 
 MIN_OPSET = 17
@@ -79,19 +81,22 @@ class ExportError(RuntimeError):
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     path: str | os.PathLike,
     *,
     opset: int = 18,
     dynamic_batch: bool = True,
     input_name: str = "input",
     output_name: str = "logits",
+    input_names: Sequence[str] | None = None,
 ) -> Path:
     """Export ``model`` to one self-contained ONNX file at ``path`` and return the path.
 
     The model runs in eval mode during export; each submodule's previous train/eval mode is
     restored afterwards. With ``dynamic_batch`` dimension 0 of input and output is named
-    ``"batch"`` and may differ from ``example_input``'s. The file is checked with
+    ``"batch"`` and may differ from ``example_input``'s; integer 2-D inputs (token ids, attention
+    masks) also get a dynamic dimension 1, ``"seq"``. Several inputs are given as a tuple with
+    ``input_names`` (e.g. ``("input_ids", "attention_mask")``). The file is checked with
     ``onnx.checker`` and written atomically, so a failed export never leaves a file behind.
     Weights are embedded (no external-data file), which limits models to protobuf's 2 GiB.
 
@@ -99,13 +104,27 @@ def export_onnx(
         ValueError: ``opset`` is below :data:`MIN_OPSET` or newer than the installed onnx knows.
         ExportError: neither the dynamo nor the legacy exporter could convert the model.
     """
-    if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
+    examples = example_input if isinstance(example_input, tuple) else (example_input,)
+    if not examples or not all(isinstance(t, torch.Tensor) for t in examples):
+        raise TypeError("example_input must be a torch.Tensor or a tuple of tensors, got "
+                        f"{type(example_input).__name__}")
+    names = tuple(input_names) if input_names is not None else (
+        (input_name,) if len(examples) == 1 else tuple(f"{input_name}_{i}"
+                                                       for i in range(len(examples))))
+    if len(names) != len(examples):
+        raise ValueError(f"{len(examples)} example inputs but {len(names)} input_names")
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be between {MIN_OPSET} and {newest} (got {opset})")
 
-    spec = _ExportSpec(opset, dynamic_batch, input_name, output_name)
+    if dynamic_batch:
+        # torch.export specialises dimensions of size 1 to constants (and so would a traced
+        # size check, e.g. in nn.TransformerEncoder's fast path): export with a batch of 2.
+        examples = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t
+                         for t in examples)
+    spec = _ExportSpec(opset, dynamic_batch, names, output_name,
+                       tuple(_dynamic_dims(t, dynamic_batch) for t in examples))
+    example_input = examples  # the exporters take the tuple of positional inputs
     model_class = type(model).__name__
     failures: dict[str, BaseException] = {}
     proto: onnx.ModelProto | None = None
@@ -137,35 +156,78 @@ def export_onnx(
             "slimline.exporter": used,
             "slimline.model_class": model_class,
             "slimline.torch_version": torch.__version__,
-        },
+        }
+        # token models: the id the attention mask is derived from (export/feeds.py)
+        | ({PAD_ID_KEY: str(pad)} if isinstance(pad := getattr(model, "pad_token_id", None), int)
+           else {}),
     )
     onnx.checker.check_model(proto)
     return atomic_write_bytes(path, proto.SerializeToString())
 
 
+def onnx_inputs_of(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], list[str] | None]:
+    """The ONNX inputs of a model called as ``model(x)``: models with named inputs (e.g. the
+    Hugging Face wrapper: ``input_ids`` and the ``attention_mask`` it derives) say so with an
+    ``onnx_inputs(x) -> (tensors, names)`` method; others take ``x`` alone."""
+    method = getattr(model, "onnx_inputs", None)
+    if callable(method):
+        tensors, names = method(x)
+        return tuple(tensors), list(names)
+    return (x,), None
+
+
 # --- exporters -------------------------------------------------------------------------------
+
+
+def _dynamic_dims(tensor: torch.Tensor, dynamic_batch: bool) -> dict[int, str]:
+    """Which dimensions of an input vary: the batch, and the length of token-id inputs."""
+    dims = {0: "batch"} if dynamic_batch else {}
+    if not tensor.is_floating_point() and tensor.dim() == 2:
+        dims[1] = "seq"
+    return dims
 
 
 @dataclass(frozen=True)
 class _ExportSpec:
     opset: int
     dynamic_batch: bool
-    input_name: str
+    input_names: tuple[str, ...]
     output_name: str
+    dynamic: tuple[dict[int, str], ...]
 
     def common_kwargs(self) -> dict[str, Any]:
         return {
             "opset_version": self.opset,
-            "input_names": [self.input_name],
+            "input_names": list(self.input_names),
             "output_names": [self.output_name],
         }
 
+    def dynamo_shapes(self) -> tuple[dict[int, Any], ...] | None:
+        if not any(self.dynamic):
+            return None
+        dims = {"batch": torch.export.Dim("batch"), "seq": torch.export.Dim.AUTO}
+        return tuple({axis: dims[name] for axis, name in d.items()} for d in self.dynamic)
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, spec: _ExportSpec) -> onnx.ModelProto:
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if spec.dynamic_batch else None
+    def legacy_axes(self, output_rank: int) -> dict[str, dict[int, str]] | None:
+        if not any(self.dynamic):
+            return None
+        axes = {name: dict(d) for name, d in zip(self.input_names, self.dynamic) if d}
+        out = {0: "batch"} if self.dynamic_batch else {}
+        if output_rank >= 3 and any(1 in d for d in self.dynamic):
+            out[1] = "seq"  # per-token outputs (e.g. language-model logits)
+        if out:
+            axes[self.output_name] = out
+        return axes
+
+
+def _export_dynamo(model: nn.Module, example: tuple[torch.Tensor, ...],
+                   spec: _ExportSpec) -> onnx.ModelProto:
+    dynamic_shapes = spec.dynamo_shapes()
     program = torch.onnx.export(
         model,
-        (example,),
+        example,
         dynamo=True,
         dynamic_shapes=dynamic_shapes,
         optimize=True,
@@ -173,6 +235,7 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, spec: _ExportSpec) -
         **spec.common_kwargs(),
     )
     proto = program.model_proto
+    _name_dynamic_dims(proto, spec)
     if _default_opset(proto) != spec.opset:
         # Below opset 18 torch converts down and silently keeps 18 when that fails (e.g. a
         # ReduceMean in torch 2.13). Converting again yields a graph the checker rejects, which
@@ -182,16 +245,35 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, spec: _ExportSpec) -
     return proto
 
 
-def _export_legacy(model: nn.Module, example: torch.Tensor, spec: _ExportSpec) -> onnx.ModelProto:
-    names = (spec.input_name, spec.output_name)
-    dynamic_axes = {name: {0: "batch"} for name in names} if spec.dynamic_batch else None
+def _name_dynamic_dims(proto: onnx.ModelProto, spec: _ExportSpec) -> None:
+    """torch.export names automatic dimensions ``s53``; call them what they are (``seq``)."""
+    rename: dict[str, str] = {}
+    for value, dims in zip(proto.graph.input, spec.dynamic):
+        shape = value.type.tensor_type.shape.dim
+        for axis, name in dims.items():
+            if axis < len(shape) and shape[axis].dim_param and shape[axis].dim_param != name:
+                rename[shape[axis].dim_param] = name
+    if not rename:
+        return
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def _export_legacy(model: nn.Module, example: tuple[torch.Tensor, ...],
+                   spec: _ExportSpec) -> onnx.ModelProto:
+    with torch.no_grad():
+        output = model(*example)
+    rank = output.dim() if isinstance(output, torch.Tensor) else 2
+    dynamic_axes = spec.legacy_axes(rank)
     buffer = io.BytesIO()
     # On failure the TorchScript exporter prints its whole IR graph to stdout from C++, which
     # Python-level redirection cannot catch; and torch <= 2.13 leaves that logging switched on.
     with _std_fds_silenced(), _onnx_log_restored():
         torch.onnx.export(
             model,
-            (example,),
+            example,
             buffer,
             dynamo=False,
             dynamic_axes=dynamic_axes,
@@ -210,7 +292,8 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _export_error(
-    model: nn.Module, example: torch.Tensor, opset: int, failures: dict[str, BaseException]
+    model: nn.Module, example: tuple[torch.Tensor, ...], opset: int,
+    failures: dict[str, BaseException]
 ) -> ExportError:
     model_class = type(model).__name__
     ops = {name: op for name, exc in failures.items() if (op := _failing_op(exc))}
@@ -219,7 +302,8 @@ def _export_error(
         reasons = "; ".join(f"{name} exporter: {reason}" for name, reason in details.items())
         return ExportError(
             f"cannot export {model_class} to ONNX (opset {opset}). {reasons}. Hint: check that "
-            f"the model runs on an input of shape {tuple(example.shape)} and that forward() "
+            f"the model runs on inputs of shape {[tuple(t.shape) for t in example]} and that "
+            "forward() "
             "has no data-dependent Python control flow or non-tensor outputs.",
             model_class=model_class,
             details=details,
@@ -287,7 +371,7 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _locate_op(model: nn.Module, example: torch.Tensor, ops: set[str]) -> str | None:
+def _locate_op(model: nn.Module, example: tuple[torch.Tensor, ...], ops: set[str]) -> str | None:
     """Dotted path of the innermost submodule that calls one of ``ops`` ("" for the root).
 
     Runs one eager forward under a dispatch-level recorder. Exporters and the dispatcher name
@@ -319,7 +403,7 @@ def _locate_op(model: nn.Module, example: torch.Tensor, ops: set[str]) -> str | 
                 handles.append(module.register_forward_pre_hook(push(name)))
                 handles.append(module.register_forward_hook(pop))
         with _eval_mode(model), torch.no_grad(), _Recorder():
-            model(example)
+            model(*example)
     except Exception:  # best effort: the error message is still useful without a location
         log.debug("could not locate the failing op", exc_info=True)
     finally:

@@ -28,6 +28,7 @@ import onnxruntime as ort
 
 from slimline.params import ParamError, param
 
+from .feeds import pad_id_of, sample_feeds
 from .graph import (
     GraphSummary,
     TensorInfo,
@@ -255,12 +256,12 @@ def _calibration_feeds(
             raise QuantizationError(
                 f"{source}: calibration names {sorted(feeds)} do not match the model inputs {names}"
             )
-    elif len(inputs) == 1:
-        feeds = {names[0]: np.asarray(calibration)}
     else:
-        raise QuantizationError(
-            f"{source} has {len(inputs)} inputs {names}: pass calibration as {{name: array}}"
-        )
+        try:  # one array: a single-input model, or token ids with derivable masks
+            feeds = sample_feeds(inputs, np.asarray(calibration),
+                                 pad_id_of({p.key: p.value for p in load_model(source).metadata_props}))
+        except ValueError as exc:
+            raise QuantizationError(f"{source}: {exc}") from None
     counts = set()
     for info in inputs:
         array = feeds[info.name]

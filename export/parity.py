@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .onnx_export import _eval_mode
+from .onnx_export import _eval_mode, onnx_inputs_of
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,14 @@ def check_parity(
     session = ort.InferenceSession(
         str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
     )
-    feed = {session.get_inputs()[0].name: inputs.detach().cpu().numpy()}
+    tensors, names = onnx_inputs_of(model, inputs)
+    declared = [arg.name for arg in session.get_inputs()]
+    # The legacy exporter drops inputs the graph does not use: feed what the file declares.
+    feed = {name: t.detach().cpu().numpy() for name, t in zip(names or declared, tensors)
+            if name in declared}
     got = np.asarray(session.run(None, feed)[0], dtype=np.float64)
     with _eval_mode(model), torch.no_grad():
-        expected = _first_tensor(model(inputs)).detach().cpu().double().numpy()
+        expected = _first_tensor(model(*tensors)).detach().cpu().double().numpy()
     if got.shape != expected.shape:
         raise ParityError(
             f"ONNX output shape {got.shape} differs from torch output shape {expected.shape}"

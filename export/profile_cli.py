@@ -64,6 +64,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         metavar="NAME=D0,D1,...",
         help="shape of an input with dynamic non-batch dims (repeatable)",
     )
+    add("--seq-len", type=int, metavar="N",
+        help="token models: sequence length of input_ids / attention_mask (dims named 'seq')")
     add(
         "--per-op",
         nargs="?",
@@ -217,7 +219,8 @@ def _verify_int8(paths: list[Path], args: argparse.Namespace) -> bool | str:
             continue
         try:
             feed = real if real is not None else random_inputs(
-                summary.inputs, 8, input_shapes=dict(args.input_shape or [])
+                summary.inputs, 8, input_shapes=dict(args.input_shape or []),
+                dims={"seq": args.seq_len} if args.seq_len else None
             )
             divergence = first_divergence(path, feed)
         except Exception as exc:  # onnxruntime raises plain exceptions for bad feeds
@@ -244,6 +247,7 @@ def _profile(path: Path, args: argparse.Namespace) -> LatencyReport:
         inter_op_threads=args.inter_threads,
         providers=tuple(args.provider or ("CPUExecutionProvider",)),
         input_shapes=dict(args.input_shape or []),
+        seq_len=args.seq_len,
         per_op=bool(args.per_op),
         per_op_runs=args.per_op_runs,
     )

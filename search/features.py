@@ -1,7 +1,8 @@
 """Feature taps for training-free proxies: what a model computes, read with forward hooks.
 
 Nothing here changes a model: every tap registers hooks for one forward pass and removes them
-(also when the forward raises). What is tapped:
+(also when the forward raises). A model may return logits, a Hugging Face ``ModelOutput`` or a
+tuple (:func:`logits_of`). What is tapped:
 
 * **classifier** — the last ``nn.Linear`` in ``model.modules()`` order (registration order),
   which for every zoo model is the head that produces the logits.
@@ -12,9 +13,11 @@ Nothing here changes a model: every tap registers hooks for one forward pass and
   ("pre-GAP", as Zen-NAS and DisWOT define it), ``(b, C, H, W)`` or ``(b, C, L)``.
 * **hidden states** — the full output sequence of the last recurrent module (``nn.RNN``,
   ``nn.GRU``, ``nn.LSTM``), returned batch-first ``(b, T, H)``.
-* **attention maps** — softmax attention probabilities ``(b, heads, N, N)`` of every attention
-  module of the zoo's shape (``q``/``k`` Linears plus ``num_heads``/``head_dim``), recomputed
-  from the module's input because the zoo computes them inline (no submodule to hook).
+* **attention maps** — softmax attention probabilities ``(b, heads, N, N)`` of every
+  self-attention site (:mod:`slimline.search.attention_sites`: the zoo ``vit``,
+  ``nn.MultiheadAttention`` and the Hugging Face BERT / ViT / GPT-2 layouts), recomputed from
+  the module's inputs because most implementations compute them inline (no submodule to hook)
+  or not at all (SDPA).
 * **ReLU inputs** — pre-activations of every ``nn.ReLU``/``nn.ReLU6`` module (functional ReLUs
   are invisible to hooks).
 """
@@ -28,12 +31,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from slimline.search.attention_sites import attention_sites
+
 __all__ = [
     "Taps",
     "attention_modules",
     "find_classifier",
     "find_global_pool",
     "find_recurrent",
+    "logits_of",
     "relu_modules",
     "tap",
 ]
@@ -60,16 +66,23 @@ def find_recurrent(model: nn.Module) -> nn.RNNBase | None:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """Self-attention modules with the zoo's layout: Linear ``q`` and ``k``, ``num_heads`` and
-    ``head_dim`` attributes (see :class:`slimline.models.vit.Attention`)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(getattr(m, "q", None), nn.Linear)
-        and isinstance(getattr(m, "k", None), nn.Linear)
-        and isinstance(getattr(m, "num_heads", None), int)
-        and isinstance(getattr(m, "head_dim", None), int)
-    ]
+    """The modules that compute self-attention, in any recognised layout
+    (:func:`slimline.search.attention_sites.attention_sites`)."""
+    return [site.module for site in attention_sites(model)]
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The logits of a model's output: the tensor itself, a ``ModelOutput``'s ``logits``, or a
+    tuple's first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValueError(f"cannot find logits in a model output of type {type(output).__name__} "
+                     "(expected a tensor, an object with .logits, or a tuple)")
 
 
 def relu_modules(model: nn.Module) -> list[nn.Module]:
@@ -145,21 +158,18 @@ def tap(
 
         handles.append(rnn.register_forward_hook(keep_hidden))
     if attention:
-        modules = attention_modules(model)
-        if not modules:
-            raise ValueError(f"{kind} has no attention module with q/k/num_heads/head_dim")
+        sites = attention_sites(model)
+        if not sites:
+            raise ValueError(f"{kind} has no self-attention module in a recognised layout "
+                             "(zoo vit, nn.MultiheadAttention, Hugging Face BERT/ViT/GPT-2)")
 
-        def keep_attention(module, args, _output):
-            tokens = args[0]
-            b, n, _ = tokens.shape
-            q, k = (
-                proj(tokens).reshape(b, n, module.num_heads, module.head_dim).transpose(1, 2)
-                for proj in (module.q, module.k)
-            )
-            scores = (q @ k.transpose(-2, -1)) * module.head_dim**-0.5
-            found.attention.append(torch.softmax(scores, dim=-1))
+        def keeper(site):
+            def keep_attention(_module, args, kwargs, _output):
+                found.attention.append(site.probabilities(args, kwargs))
 
-        handles += [m.register_forward_hook(keep_attention) for m in modules]
+            return keep_attention
+
+        handles += [s.module.register_forward_hook(keeper(s), with_kwargs=True) for s in sites]
     if relu_inputs:
         relus = relu_modules(model)
         if not relus:
@@ -170,5 +180,9 @@ def tap(
 
         handles += [m.register_forward_hook(keep_relu) for m in relus]
     with _hooks(handles):
-        found.logits = model(x)
+        found.logits = logits_of(model(x))
+    if attention and not found.attention:
+        raise ValueError(f"{kind}'s attention modules did not run their forward (a fused "
+                         "fast path, e.g. nn.TransformerEncoderLayer in eval mode without "
+                         "gradients?); score it in train mode")
     return found

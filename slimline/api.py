@@ -50,7 +50,7 @@ def _example(example_input: torch.Tensor | None, data: Dataset | None) -> torch.
     """The given example, else one N(0, 1) batch of the dataset's input shape."""
     if example_input is not None or data is None:
         return example_input
-    return torch.randn((1, *data.input_shape), generator=torch.Generator().manual_seed(0))
+    return data.input_spec.random(1)
 
 
 def prune(
@@ -71,7 +71,8 @@ def prune(
     from slimline.compress.methods import prune as run
 
     return run(model, config, data=data if config.uses_data() else None, masks=masks,
-               example_input=_example(example_input, data), seed=seed, progress=progress)
+               example_input=_example(example_input, data), seed=seed, progress=progress,
+               input_spec=data.input_spec if data is not None else None)
 
 
 def quantize(
@@ -92,7 +93,7 @@ def quantize(
 
     return run(model, config, data=data if config.uses_data() else None, target=target,
                masks=masks, example_input=_example(example_input, data), seed=seed,
-               progress=progress)
+               progress=progress, input_spec=data.input_spec if data is not None else None)
 
 
 def export_model(

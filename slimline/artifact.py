@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from slimline.inputs import InputSpec
 from slimline.io import atomic_path, read_json, write_json
 from slimline.registry import import_object
 from slimline.structure import apply_structure, structure_diff
@@ -48,6 +49,12 @@ class Artifact:
     files: dict[str, Path] = field(default_factory=dict)
     model_id: str = "source"
     parent_model_id: str | None = None
+    input_spec: InputSpec | None = None  # default: float inputs of input_shape
+
+    @property
+    def inputs(self) -> InputSpec:
+        """What one input sample is (token ids or float features)."""
+        return self.input_spec if self.input_spec is not None else InputSpec(self.input_shape)
 
     def derive(self, *, copy_model: bool = False) -> Artifact:
         """A new artifact with this one's model and state, fresh metrics and no files.
@@ -64,11 +71,12 @@ class Artifact:
             history=copy.deepcopy(self.history),
             model_id=self.model_id,
             parent_model_id=self.parent_model_id,
+            input_spec=self.input_spec,
         )
 
     def example_input(self, batch_size: int = 1, *, seed: int = 0) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randn((batch_size, *self.input_shape), generator=generator)
+        """A synthetic batch of the model's input: N(0, 1) features or valid token ids."""
+        return self.inputs.random(batch_size, seed=seed)
 
     # ---- storage ----------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
@@ -88,6 +96,7 @@ class Artifact:
             "format_version": FORMAT_VERSION,
             "model_spec": self.model_spec,
             "input_shape": list(self.input_shape),
+            "input_spec": self.input_spec.to_dict() if self.input_spec is not None else None,
             "state": self.state,
             "metrics": self.metrics,
             "history": self.history,
@@ -121,6 +130,7 @@ class Artifact:
             files={name: directory / fname for name, fname in meta["files"].items()},
             model_id=meta["model_id"],
             parent_model_id=meta["parent_model_id"],
+            input_spec=InputSpec.from_dict(meta["input_spec"]) if meta.get("input_spec") else None,
         )
 
 
@@ -143,6 +153,10 @@ def record_structure(spec: dict[str, Any], model: nn.Module) -> dict[str, Any]:
 
 
 def _build_base(spec: dict[str, Any]) -> nn.Module:
+    if "hf" in spec or "hf_config" in spec:
+        from slimline.models.hf import build_hf_model
+
+        return build_hf_model(spec)
     kwargs = dict(spec.get("with") or {})
     if "factory" in spec:
         builder = import_object(spec["factory"])

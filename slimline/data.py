@@ -3,9 +3,15 @@
 * ``digits``  — scikit-learn's 8x8 handwritten digits (1,797 images, shipped with sklearn).
 * ``mnist1d`` — MNIST-1D sequences generated offline by ``mnist1d.data.make_dataset``
   (never its download), shape ``(N, 1, 40)``.
+* ``text``    — lines of a local text file tokenized with a local tokenizer
+  (:mod:`slimline.text_data`): int64 token ids, with labels (``label<TAB>text``) or without
+  (an embedding task).
 * a custom dataset: ``factory: package.module:function`` returning tensors (opt-in: runs code).
 
-All tensors are float32 inputs standardised with training-split statistics and int64 labels.
+Numeric inputs are float32, standardised with training-split statistics; labels are int64.
+Each dataset has an :class:`~slimline.inputs.InputSpec` (what a synthetic sample looks like, for
+data-free methods) and a ``task``: ``classification``, or ``embedding`` (no labels: models are
+compared by their outputs, not scored against classes).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slimline.inputs import InputSpec
 from slimline.io import atomic_path, canonical_json, sha256_text
 from slimline.registry import Registry, first_doc_line, import_object
 
@@ -39,6 +46,12 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    task: str = "classification"  # or "embedding": no labels, outputs compared to the parent's
+    spec: InputSpec | None = None  # default: float inputs of x_train's sample shape
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.spec if self.spec is not None else InputSpec.of(self.x_train[:1])
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -227,3 +240,7 @@ def _as_numpy(value) -> np.ndarray | None:
     if value is None:
         return None
     return value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+# Importing registers the datasets defined elsewhere.
+from slimline import text_data  # noqa: E402,F401

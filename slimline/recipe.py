@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 TOP_LEVEL_KEYS = ("name", "seed", "target", "model", "data", "stages", "description")
-MODEL_KEYS = ("name", "factory", "with", "checkpoint")
+MODEL_KEYS = ("name", "factory", "hf", "hf_config", "task", "with", "checkpoint")
+MODEL_SOURCES = ("name", "factory", "hf", "hf_config")
 DATA_KEYS = ("name", "factory", "with")
 STAGE_KEYS = ("id", "uses", "with", "needs", "description")
 STAGE_ID = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
@@ -136,8 +137,10 @@ def _from_document(document: Any, *, lines: dict[str, int], name: str, base_dir:
     recipe.seed = _typed(recipe, document.get("seed", 0), int, "seed")
     recipe.target = check_target(recipe, _typed(recipe, document.get("target", "auto"), str,
                                                 "target"))
-    recipe.model = _section(recipe, document["model"], MODEL_KEYS, "model")
+    recipe.model = _section(recipe, document["model"], MODEL_KEYS, "model", MODEL_SOURCES)
     recipe.data = _section(recipe, document["data"], DATA_KEYS, "data")
+    _check_hf(recipe)
+    _resolve_data_paths(recipe, base_dir)
     if "checkpoint" in recipe.model and recipe.model["checkpoint"] is not None:
         checkpoint = Path(_typed(recipe, recipe.model["checkpoint"], str, "model.checkpoint"))
         recipe.model["checkpoint"] = str(checkpoint if checkpoint.is_absolute()
@@ -158,6 +161,40 @@ def check_target(recipe: Recipe, name: str, key: str = "target") -> str:
     return name
 
 
+def _check_hf(recipe: Recipe) -> None:
+    """``task`` belongs to Hugging Face models; ``hf`` paths are relative to the recipe."""
+    model = recipe.model
+    if "task" in model and not ({"hf", "hf_config"} & set(model)):
+        raise recipe.error("'task' applies to Hugging Face models ('hf' or 'hf_config')",
+                           "model.task")
+    if "hf" in model or "hf_config" in model:
+        from slimline.models.hf import TASKS
+
+        task = model.setdefault("task", "feature-extraction")
+        if task not in TASKS:
+            close = difflib.get_close_matches(str(task), TASKS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise recipe.error(f"unknown task {task!r}{hint} (known: {', '.join(TASKS)})",
+                               "model.task")
+        if "hf_config" in model and not isinstance(model["hf_config"], dict):
+            raise recipe.error("expected a mapping of transformers config fields", "model.hf_config")
+        if "hf" in model and not model["hf"].startswith("pkg://"):
+            path = Path(model["hf"]).expanduser()
+            model["hf"] = str(path if path.is_absolute() else recipe.base_dir / path)
+
+
+def _resolve_data_paths(recipe: Recipe, base_dir: Path) -> None:
+    """Relative file arguments of the dataset (``path``, ``tokenizer``) name files beside the
+    recipe, not in whatever directory the run was started from."""
+    params = recipe.data["with"]
+    for key in ("path", "tokenizer"):
+        value = params.get(key)
+        if isinstance(value, str) and not value.startswith("pkg://"):
+            path = Path(value).expanduser()
+            if not path.is_absolute() and (base_dir / path).exists():
+                params[key] = str(base_dir / path)
+
+
 def _check_keys(recipe: Recipe, mapping: dict, allowed: tuple[str, ...], path: str) -> None:
     for key in mapping:
         if key not in allowed:
@@ -173,16 +210,19 @@ def _typed(recipe: Recipe, value: Any, kind: type, key: str) -> Any:
     return value
 
 
-def _section(recipe: Recipe, value: Any, allowed: tuple[str, ...], key: str) -> dict[str, Any]:
+def _section(recipe: Recipe, value: Any, allowed: tuple[str, ...], key: str,
+             sources: tuple[str, ...] = ("name", "factory")) -> dict[str, Any]:
     if isinstance(value, str):  # shorthand: `model: resnet`
         value = {"name": value}
     if not isinstance(value, dict):
         raise recipe.error("expected a mapping (or a registered name)", key)
     _check_keys(recipe, value, allowed, key)
-    if ("name" in value) == ("factory" in value):
+    if sum(source in value for source in sources) != 1:
+        extra = (", 'hf' (a local transformers checkpoint: a directory or pkg://package/dir) "
+                 "or 'hf_config' (a transformers config: random init)" if "hf" in sources else "")
         raise recipe.error("give exactly one of 'name' (registered) or 'factory' "
-                           "('package.module:function', runs that code)", key)
-    for text_key in ("name", "factory"):
+                           f"('package.module:function', runs that code){extra}", key)
+    for text_key in ("name", "factory", "hf"):
         if text_key in value:
             _typed(recipe, value[text_key], str, f"{key}.{text_key}")
     params = value.get("with") or {}

@@ -60,7 +60,8 @@ def model_points(records: list[StageRecord]) -> list[dict[str, Any]]:
         metrics, source = record.metrics, record.onnx_source
         if not metrics or record.model_id is None:
             continue
-        if record.uses == "eval" and metrics.get("split") == "test":
+        if (record.uses == "eval" and metrics.get("split") == "test"
+                and metrics.get("accuracy") is not None):
             if str(metrics.get("backend", "")).startswith("onnx") and source:
                 points.setdefault(source, {})["onnx_accuracy"] = metrics["accuracy"]
             else:
@@ -132,6 +133,11 @@ def _details(record: StageRecord) -> list[str]:
         out.append(f"- accuracy {_pct(m['accuracy'])} vs reference `{m['reference']}` "
                    f"{_pct(m['reference_accuracy'])}; logit MSE {m['logit_mse']:.4g}, "
                    f"top-1 agreement {_pct(m['agreement'])}")
+    if "cosine_mean" in m:
+        knn = next((k for k in m if k.startswith("knn")), None)
+        out.append(f"- embeddings vs reference `{m.get('reference')}`: cosine mean "
+                   f"{m['cosine_mean']:.4f}, min {m['cosine_min']:.4f}"
+                   + (f"; {knn.split('_')[0][3:]}-NN overlap {_pct(m[knn])}" if knn else ""))
     if "layer_sparsity" in m:
         out.append(f"- sparsity {_pct(m['sparsity'])} (target {_pct(m['target_sparsity'])}); "
                    "per layer: " + ", ".join(f"`{k}` {_pct(v)}"

@@ -155,8 +155,10 @@ def load_recipe_data(recipe: Recipe) -> Dataset:
 
 
 def _source_artifact(recipe: Recipe, dataset: Dataset) -> Artifact:
-    """The model the first stage starts from: built from the zoo or a factory, maybe loaded."""
-    spec = {k: v for k, v in recipe.model.items() if k in ("name", "factory", "with")}
+    """The model the first stage starts from: built from the zoo, a factory or a Hugging Face
+    checkpoint, maybe loaded from ``checkpoint``."""
+    keys = ("name", "factory", "hf", "hf_config", "task", "with")
+    spec = {k: v for k, v in recipe.model.items() if k in keys}
     spec["with"] = dict(spec.get("with") or {})
     if "name" in spec:
         from slimline.models import MODELS
@@ -167,9 +169,14 @@ def _source_artifact(recipe: Recipe, dataset: Dataset) -> Artifact:
             raise recipe.error(str(exc), "model.name") from None
         accepted = inspect.signature(builder).parameters
         # Fill the shape arguments from the dataset unless the recipe pins them.
-        for name, value in (("num_classes", dataset.num_classes),
-                            ("in_channels", dataset.in_channels),
-                            ("input_size", list(dataset.input_size))):
+        filled: tuple[tuple[str, Any], ...] = (("num_classes", dataset.num_classes),
+                                               ("in_channels", dataset.in_channels),
+                                               ("input_size", list(dataset.input_size)))
+        if dataset.input_spec.is_tokens:  # token models: the vocabulary, not channels
+            vocab = max(high for _, high in dataset.input_spec.id_ranges)
+            filled = (("num_classes", dataset.num_classes), ("vocab_size", vocab),
+                      ("max_length", dataset.input_shape[0]))
+        for name, value in filled:
             if name in accepted:
                 spec["with"].setdefault(name, value)
     seed_everything(recipe.seed)  # the initial weights are part of what the seed pins down
@@ -183,8 +190,14 @@ def _source_artifact(recipe: Recipe, dataset: Dataset) -> Artifact:
         payload = load_tensor_file(checkpoint)
         load_weights(model, state_dict_from_checkpoint(payload, checkpoint), source=checkpoint)
         state["checkpoint_sha256"] = sha256_file(checkpoint)
+    if "hf" in spec:  # the weights are part of the source: hash them like a checkpoint
+        from slimline.models.hf import resolve_hf_path
+
+        state["checkpoint_sha256"] = sha256_text("".join(
+            sha256_file(f) for f in sorted(resolve_hf_path(spec["hf"]).iterdir())
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".json")))
     return Artifact(model=model, model_spec=spec, input_shape=dataset.input_shape, state=state,
-                    model_id="source")
+                    model_id="source", input_spec=dataset.input_spec)
 
 
 @contextlib.contextmanager

@@ -48,6 +48,10 @@ class TrainParams:
         check_range("warmup_epochs", self.warmup_epochs, 0.0, float(self.epochs))
 
 
+class TrainingError(ValueError):
+    """The model or dataset cannot be trained as asked (says why)."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -120,8 +124,21 @@ def fit(model: nn.Module, data: Dataset, params: TrainParams | None = None, *,
     warmup_steps = int(p.warmup_epochs * steps_per_epoch)
     history: list[dict[str, float]] = []
     step = 0
-    compute_loss = loss_fn or (lambda m, x, y: F.cross_entropy(
-        m(x), y, label_smoothing=p.label_smoothing))
+    if loss_fn is None and getattr(data, "task", "classification") != "classification":
+        raise TrainingError(
+            f"dataset {data.name!r} has no labels (task {data.task!r}): training with "
+            "cross-entropy needs a labelled dataset (text lines 'label<TAB>text')")
+
+    def classification_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = m(x)
+        if logits.dim() != 2:
+            raise TrainingError(
+                f"training takes (batch, classes) logits; {type(m).__name__} returns shape "
+                f"{tuple(logits.shape)} (a language model's per-token logits or an embedding "
+                "model are not classifiers: use a sequence-classification head)")
+        return F.cross_entropy(logits, y, label_smoothing=p.label_smoothing)
+
+    compute_loss = loss_fn or classification_loss
     for epoch in range(p.epochs):
         extra = on_epoch(epoch) if on_epoch is not None else None
         model.train()

@@ -11,6 +11,7 @@ import torch
 import slimline
 from slimline.compress.methods import MethodError
 from slimline.data import load_dataset
+from slimline.inputs import InputSpec
 from slimline.io import sha256_text
 from slimline.models import build_model
 from slimline.stage import get_stage
@@ -59,7 +60,9 @@ def trained(digits):
 
 
 class Tripwire:
-    """A dataset that fails the test when anything reads it."""
+    """A dataset that fails the test when anything but its input description is read."""
+
+    input_spec = InputSpec((1, 8, 8))
 
     def __getattr__(self, name):
         raise AssertionError(f"a data-free method read the dataset ({name})")

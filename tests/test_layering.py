@@ -1,8 +1,8 @@
 """One direction of imports (docs/architecture.md): a module imports only its own layer or lower
 ones, lazy imports inside functions included.
 
-    0  slimline.export, and the leaf utilities (io, registry, params, progress, versions)
-    1  models, data, masks, evaluation, training, distillation, structure  (shared by methods)
+    0  slimline.export, and the leaf utilities (io, registry, params, progress, versions, inputs)
+    1  models, data, text_data, masks, evaluation, training, distillation, structure
     2  slimline.compress                                      (pruning, quantization)
     3  slimline.search                                        (architecture search, distillation)
     4  the pipeline: recipe, dag, stage(s), artifact, runner, report, api, cli, ...
@@ -18,8 +18,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"slimline": "slimline", "compress": "slimline.compress", "search": "slimline.search",
            "export": "slimline.export"}
-LEAVES = ("io", "registry", "params", "progress", "versions")
-CORE = ("models", "data", "masks", "evaluation", "training", "distillation", "structure")
+LEAVES = ("io", "registry", "params", "progress", "versions", "inputs")
+CORE = ("models", "data", "text_data", "masks", "evaluation", "training", "distillation",
+        "structure")
 
 
 def layer_of(module: str) -> int:

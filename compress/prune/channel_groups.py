@@ -311,6 +311,11 @@ def _classify(
     parents = {name.rpartition(".")[0] for name in producers}
     attention_name = parents.pop() if len(parents) == 1 else None
     attention = modules.get(attention_name) if attention_name is not None else None
+    if attention is not None and _head_count(attention) is not None and len(producers) == 1:
+        # One Linear makes q, k and v at once (GPT-2's c_attn, split after the matmul): the
+        # dependency graph cannot follow its channels through the split to the heads.
+        return None, (f"attention {attention_name!r} computes q, k and v in one fused layer "
+                      f"{producers[0]!r}; its heads are not pruned (FFN channels are)")
     if attention is None or _head_count(attention) is None or len(producers) < 2:
         if size < 2:
             return None, "a single channel"

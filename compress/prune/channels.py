@@ -120,6 +120,7 @@ def prune_channels_method(model: nn.Module, config: ChannelConfig,
             dp_distortion=p.dp_distortion,
             masks=inputs.masks,
             latency_table=table,
+            dp_inputs=inputs.synthetic(32, "prune.channels") if p.allocation == "dp" else None,
         )
     except StructuredPruningError as exc:
         raise MethodError(str(exc)) from None

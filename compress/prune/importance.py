@@ -147,6 +147,25 @@ VIT_MODULES = (
     ModuleRule("mlp", regex=r"mlp\.fc[12]\.weight$"),
 )
 
+# The same three modules in the attention layouts users bring: slimline's zoo ViT; Hugging Face
+# BERT/RoBERTa/ViT (``attention.self.query`` / ``attention.attention.query``,
+# ``attention.output.dense``, ``intermediate.dense`` + the block's ``output.dense``), GPT-2
+# (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``/``mlp.c_proj``), Llama-style
+# (``self_attn.q_proj`` ... ``o_proj``, ``mlp.gate/up/down_proj``; transformers 5's ViT
+# names them ``attention.q_proj`` ... ``o_proj``) and torch's own
+# ``nn.TransformerEncoderLayer`` (``self_attn.in_proj_weight``, ``out_proj``, ``linear1/2``).
+# First rule wins, so the attention output projection is claimed before the FFN's
+# ``output.dense`` rule can see it.
+TRANSFORMER_MODULES = (
+    ModuleRule("qkv", regex=r"((attn\.(q|k|v|qkv)|attention\.(self|attention)\.(query|key|value)|"
+                            r"attn\.c_attn|(attn|attention|self_attn)\.(q|k|v|qkv)_proj)\.weight|"
+                            r"self_attn\.(in|q|k|v)_proj_weight)$"),
+    ModuleRule("proj", regex=r"(attn\.proj|attention\.output\.dense|attn\.c_proj|"
+                             r"(attn|attention|self_attn)\.(out_proj|o_proj))\.weight$"),
+    ModuleRule("mlp", regex=r"(mlp\.fc[12]|intermediate\.dense|output\.dense|mlp\.c_(fc|proj)|"
+                            r"mlp\.(gate|up|down)_proj|linear[12])\.weight$"),
+)
+
 
 def assign_modules(
     model: nn.Module, names: Sequence[str], rules: Sequence[ModuleRule]

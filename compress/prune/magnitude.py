@@ -26,23 +26,42 @@ from slimline.masks import apply_masks  # re-exported: pruners hand out masks
 from slimline.params import check_range, check_regex, param
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GRU, nn.LSTM, nn.RNN)
+# Layers known by class name, so that no optional package is imported to recognise them:
+# transformers' GPT-2 ``Conv1D`` is a Linear with its weight stored (in, out).
+PRUNABLE_TYPE_NAMES = frozenset({"Conv1D"})
+
+
+def _prunable_parameter(module: nn.Module, param_name: str) -> bool:
+    """Weights of Linear/Conv/RNN layers and the fused q/k/v projection of torch's
+    ``nn.MultiheadAttention`` (``in_proj_weight``; its ``out_proj`` is a Linear)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return param_name in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
+                              "v_proj_weight")
+    if isinstance(module, PRUNABLE_TYPES) or type(module).__name__ in PRUNABLE_TYPE_NAMES:
+        return param_name.startswith("weight")
+    return False
 
 
 def prunable_weights(model: nn.Module, include: str | None = None,
                      exclude: str | None = None) -> dict[str, nn.Parameter]:
-    """Weight matrices/kernels of Linear, Conv and RNN layers, by parameter name.
+    """Weight matrices/kernels of Linear, Conv and RNN layers (and of attention projections
+    stored outside Linears: torch's MultiheadAttention, GPT-2's Conv1D), by parameter name.
 
     ``include``/``exclude`` are regular expressions searched in the parameter name
-    (e.g. ``exclude: "^fc\\."`` keeps the classifier dense). Biases and norms are never pruned.
+    (e.g. ``exclude: "^fc\\."`` keeps the classifier dense). Biases, norms and embeddings are
+    never pruned.
     """
     found: dict[str, nn.Parameter] = {}
+    # A weight tied to another (GPT-2's lm_head is its token embedding) has one canonical name
+    # in named_parameters(): the other module's; pruning it would prune that module too.
+    canonical = {id(p): n for n, p in model.named_parameters()}
     for module_name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES):
-            continue
         for param_name, parameter in module.named_parameters(recurse=False):
-            if not param_name.startswith("weight") or parameter.dim() < 2:
+            if not _prunable_parameter(module, param_name) or parameter.dim() < 2:
                 continue
             name = f"{module_name}.{param_name}" if module_name else param_name
+            if canonical.get(id(parameter)) != name:
+                continue
             if include is not None and not re.search(include, name):
                 continue
             if exclude is not None and re.search(exclude, name):

@@ -134,6 +134,7 @@ def prune_channels(
     dp_samples: int = 32,
     masks: dict[str, torch.Tensor] | None = None,
     latency_table: LayerLatencyTable | None = None,
+    dp_inputs: torch.Tensor | None = None,
 ) -> ChannelPruningResult:
     """Remove ``ratio`` of the channels (``target="channels"``), FLOPs (``"flops"``) or predicted
     latency (``"latency"``, from ``latency_table``), in place.
@@ -154,6 +155,8 @@ def prune_channels(
             group alone is pruned, measured on ``dp_samples`` N(0, 1) inputs (data-free, Xu et
             al.'s additive distortion) - or ``magnitude``, the summed scores of removed units.
         masks: keep-masks (parameter name -> bool tensor) sliced along with their weights.
+        dp_inputs: the batch ``dp_distortion="output"`` measures on (default: ``dp_samples``
+            synthetic inputs like ``example_input``; pass valid token ids for token models).
         latency_table: per-layer latency grids of this model
             (:func:`slimline.compress.prune.layer_latency.build_layer_latency_table`); required for and
             only used by ``target="latency"``, whose budget is ``(1 - ratio)`` times the table's
@@ -209,7 +212,7 @@ def prune_channels(
     table = None
     if allocation == "dp" and dp_distortion == "output":
         levels = [group_levels(g, round_to, max_group_ratio) for g in graph.groups]
-        inputs = _noise_like(example_input, dp_samples)
+        inputs = dp_inputs if dp_inputs is not None else _noise_like(example_input, dp_samples)
         table = output_distortion_table(graph, scores, levels, inputs)
     kept = allocate(
         graph.groups,

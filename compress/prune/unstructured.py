@@ -32,7 +32,7 @@ from slimline.compress.prune.allocation import (
 )
 from slimline.compress.prune.distortion import additivity, output_distortion
 from slimline.compress.prune.importance import (
-    VIT_MODULES,
+    TRANSFORMER_MODULES,
     DIMAPImportance,
     LAMPImportance,
     MagnitudeImportance,
@@ -40,7 +40,7 @@ from slimline.compress.prune.importance import (
     assign_modules,
     check_finite,
 )
-from slimline.compress.prune.inputs import bn_matched_inputs, has_batch_norm, random_inputs
+from slimline.compress.prune.inputs import bn_matched_inputs, has_batch_norm
 from slimline.compress.prune.magnitude import candidate_weights, masked_sparsity, prunable_weights
 from slimline.compress.prune.rate_distortion import rd_allocation
 from slimline.evaluation import predict
@@ -49,7 +49,7 @@ from slimline.params import ParamError, check_range, check_regex, param
 
 __all__ = ["UnstructuredConfig", "prune_unstructured"]
 
-DEFAULT_MODULES = [{"name": r.name, "regex": r.regex} for r in VIT_MODULES]
+DEFAULT_MODULES = [{"name": r.name, "regex": r.regex} for r in TRANSFORMER_MODULES]
 
 
 @dataclass
@@ -70,9 +70,10 @@ class UnstructuredConfig(MethodConfig):
     )
     distortion_data: Literal["auto", "random", "bn", "calibration"] = param(
         "auto",
-        help="inputs for measuring output distortion: random N(0,1) or bn (synthesised to match "
-        "BatchNorm statistics), both data-free; calibration (training samples); auto: bn if the "
-        "model has BatchNorm, else random",
+        help="inputs for measuring output distortion: random (N(0,1) features, or valid token "
+        "ids for text models) or bn (synthesised to match BatchNorm statistics), both "
+        "data-free; calibration (training samples); auto: bn if the model has BatchNorm, "
+        "else random",
     )
     samples: int = param(64, help="inputs in the distortion batch")
     grid: int | list[float] = param(
@@ -248,15 +249,15 @@ def distortion_batch(
     if kind == "calibration":
         data = inputs.require_data("distortion_data=calibration")
         return data.calibration(p.samples, seed=inputs.seed), kind
-    input_shape = tuple(inputs.require_example("prune.unstructured").shape[1:])
     if kind == "bn":
+        input_shape = tuple(inputs.require_example("prune.unstructured").shape[1:])
         try:
             batch = bn_matched_inputs(model, input_shape, p.samples, steps=p.bn_steps,
                                       seed=inputs.seed)
         except ValueError as exc:
             raise MethodError(f"distortion_data=bn: {exc}") from None
         return batch, kind
-    return random_inputs(input_shape, p.samples, seed=inputs.seed), kind
+    return inputs.synthetic(p.samples, "prune.unstructured"), kind
 
 
 def _dp(

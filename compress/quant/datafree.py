@@ -358,6 +358,20 @@ def datafree_metrics(result: DataFreeResult, config: DataFreeConfig,
     return metrics
 
 
+def require_batchnorm(model: nn.Module, stage: str) -> None:
+    """Refuse, naming the alternative, a model without BatchNorm: the data-free quantizers take
+    every activation range (and UDFC its compensation) from BatchNorm statistics."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
+    raise MethodError(
+        f"{stage} takes every activation range from BatchNorm statistics, and "
+        f"{type(model).__name__} has no BatchNorm"
+        + (f" (it normalises with {', '.join(norms)}: a transformer?)" if norms else "")
+        + "; use quant.rtn, which calibrates its ranges on a few unlabeled batches "
+        "(no training)")
+
+
 @register_quantizer(DataFreeConfig)
 @register_quantizer(DFQConfig)
 def quantize_datafree_method(model: nn.Module, config: DataFreeConfig,
@@ -366,6 +380,7 @@ def quantize_datafree_method(model: nn.Module, config: DataFreeConfig,
 
     refuse_quantized(model)
     is_dfq = isinstance(config, DFQConfig)
+    require_batchnorm(model, "quant.dfq" if is_dfq else "quant.datafree")
     steps = ({"equalize": config.equalize, "absorb_high_bias": config.absorb_high_bias,
               "correct_bias": config.correct_bias} if isinstance(config, DFQConfig) else {})
     method = "dfq" if is_dfq else "datafree"

@@ -95,6 +95,7 @@ def export_qdq_onnx(
     """
     from slimline.export import ExportError, export_onnx
     from slimline.export.int8numerics import describe_ranges, int8_weight_ranges, saturating_weights
+    from slimline.export.onnx_export import onnx_inputs_of
     from slimline.export.qdq import QDQError, write_qdq
     from slimline.export.qdq_inspect import qdq_summary
 
@@ -137,7 +138,9 @@ def export_qdq_onnx(
     try:
         try:
             with tracing_as_qdq(), torch.no_grad():
-                export_onnx(traced, example_input, raw, opset=opset, dynamic_batch=dynamic_batch)
+                tensors, names = onnx_inputs_of(traced, example_input)
+                export_onnx(traced, tensors, raw, opset=opset, dynamic_batch=dynamic_batch,
+                            input_names=names)
         except ExportError as exc:
             raise QDQExportError(
                 f"int8 QDQ export of {type(model).__name__} failed (it needs "

@@ -66,12 +66,24 @@ BIAS_BITS = 32
 
 
 def quantizable_modules(model: nn.Module, skip: str | None = None) -> dict[str, nn.Module]:
-    """Conv/Linear modules by name, minus those whose name matches the regex ``skip``."""
+    """Conv/Linear modules by name, minus those whose name matches the regex ``skip``.
+
+    Left out as well, because a fake-quant hook on them would never run or would quantize
+    another layer's weight: the ``out_proj`` of torch's ``nn.MultiheadAttention`` (its forward
+    reads ``out_proj.weight`` directly, never calling the module; its fused ``in_proj_weight``
+    is no Linear either, so torch attention stays float) and layers whose weight is tied to
+    another module's (GPT-2's ``lm_head`` is its token embedding).
+    """
     pattern = re.compile(skip) if skip else None
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    bypassed = {f"{name}.out_proj" if name else "out_proj"
+                for name, module in model.named_modules()
+                if isinstance(module, nn.MultiheadAttention)}
     return {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, QUANTIZABLE) and not (pattern and pattern.search(name))
+        and name not in bypassed and canonical.get(id(module.weight)) == f"{name}.weight"
     }
 
 

@@ -293,10 +293,12 @@ def udfc_method(model: nn.Module, config: UDFCConfig, inputs: MethodInputs) -> Q
     from slimline.compress.prune.channel_groups import StructuredPruningError
     from slimline.compress.prune.layer_chains import LayerChainError
     from slimline.compress.prune.sites import no_site_error, site_pruning_metrics
+    from slimline.compress.quant.datafree import require_batchnorm
     from slimline.compress.quant.rtn import refuse_quantized
 
     p = config
     refuse_quantized(model)
+    require_batchnorm(model, "compress.udfc")
     before = sum(t.numel() for t in model.parameters())
     masks = dict(inputs.masks)
     try:

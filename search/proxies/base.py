@@ -167,8 +167,10 @@ def cross_entropy_backward(model: nn.Module, inputs: ProxyInputs) -> torch.Tenso
     """Zero grads, one forward + cross-entropy backward in train mode; returns the loss."""
     model.train()
     model.zero_grad(set_to_none=True)
+    from slimline.search.features import logits_of
+
     with torch.enable_grad():
-        loss = F.cross_entropy(model(inputs.x), inputs.y)
+        loss = F.cross_entropy(logits_of(model(inputs.x)), inputs.y)
         loss.backward()
     return loss.detach()
 

@@ -2,8 +2,12 @@
 "Training-free Transformer Architecture Search", TF-TAS): attention confidence, synaptic
 diversity (attention weights) and synaptic saliency (MLP weights).
 
-They apply to models with the zoo's attention layout (:func:`slimline.search.features.attention_modules`,
-e.g. the zoo ``vit``). Gradients are of the cross-entropy loss on the mini-batch, train mode.
+They apply to every model with a recognised self-attention layout
+(:mod:`slimline.search.attention_sites`): the zoo ``vit``, ``nn.MultiheadAttention`` (also in
+``nn.TransformerEncoderLayer``), and Hugging Face BERT, ViT and GPT-2 (fused ``c_attn``). Fused
+projections are split into their query/key/value parts, so one network scores the same in any
+layout. Gradients are of the cross-entropy loss on the mini-batch, train mode; a Hugging Face
+model's ``ModelOutput`` is read through its ``logits``.
 """
 
 from __future__ import annotations
@@ -11,10 +15,28 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from slimline.search.features import attention_modules, find_classifier, tap
-from slimline.search.proxies.base import Proxy, ProxyInputs, cross_entropy_backward, register_proxy
+from slimline.search.attention_sites import (
+    AttentionSite,
+    WeightView,
+    attention_sites,
+    block_weights,
+)
+from slimline.search.features import find_classifier, tap
+from slimline.search.proxies.base import (
+    Proxy,
+    ProxyInputs,
+    cross_entropy_backward,
+    register_proxy,
+)
 
-__all__ = ["AttentionConfidence", "SynapticDiversity", "SynapticSaliency", "head_confidence"]
+__all__ = [
+    "AttentionConfidence",
+    "SynapticDiversity",
+    "SynapticSaliency",
+    "attention_projections",
+    "head_confidence",
+    "mlp_layers",
+]
 
 
 def head_confidence(attention: torch.Tensor) -> torch.Tensor:
@@ -26,38 +48,27 @@ def head_confidence(attention: torch.Tensor) -> torch.Tensor:
 
 class _TransformerProxy(Proxy):
     def applicable(self, model: nn.Module) -> bool:
-        return bool(attention_modules(model))
+        return bool(attention_sites(model))
 
     def why_not_applicable(self, model: nn.Module) -> str:
         return (
-            "it has no self-attention module with q/k Linears and num_heads/head_dim "
-            "(transformer proxies are for the zoo 'vit')"
+            "it has no self-attention module in a recognised layout (zoo vit, "
+            "nn.MultiheadAttention, Hugging Face BERT/ViT/GPT-2)"
         )
 
 
-def _attention_linears(model: nn.Module) -> list[nn.Linear]:
-    seen: list[nn.Linear] = []
-    for module in attention_modules(model):
-        seen += [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return seen
+def attention_projections(model: nn.Module) -> list[WeightView]:
+    """Query, key, value and output projection matrices of every attention site, in order."""
+    sites: list[AttentionSite] = attention_sites(model)
+    return [view for site in sites for view in site.projections.values()]
 
 
-def _mlp_linears(model: nn.Module) -> list[nn.Linear]:
-    """Linears outside attention modules and other than the classifier and the layers before
-    the first attention module (the patch embedding is a conv; a linear embedding would be
-    excluded here too): the blocks' feed-forward layers."""
-    in_attention = {id(m) for m in _attention_linears(model)}
+def mlp_layers(model: nn.Module) -> list[nn.Module]:
+    """The feed-forward layers of the transformer blocks (``nn.Linear`` or Hugging Face
+    ``Conv1D``), neither attention projections nor the classifier
+    (:func:`slimline.search.attention_sites.block_weights`)."""
     head = find_classifier(model)
-    modules = list(model.modules())
-    first_attention = min(modules.index(m) for m in attention_modules(model))
-    return [
-        m
-        for i, m in enumerate(modules)
-        if isinstance(m, nn.Linear)
-        and id(m) not in in_attention
-        and m is not head
-        and i > first_attention
-    ]
+    return block_weights(model, attention_sites(model), exclude=[head] if head else [])
 
 
 @register_proxy
@@ -77,20 +88,21 @@ class AttentionConfidence(_TransformerProxy):
 @register_proxy
 class SynapticDiversity(_TransformerProxy):
     """``sum_m ||W_m||_* ||dL/dW_m||_*`` over the attention projections (TF-TAS eq. 4, nuclear
-    norms as the rank proxy of the heads' diversity). Higher = better."""
+    norms as the rank proxy of the heads' diversity), each of query, key, value and output
+    its own matrix. Higher = better."""
 
     name = "synaptic_diversity"
 
     def compute(self, model: nn.Module, inputs: ProxyInputs) -> float:
-        linears = _attention_linears(model)
+        views = attention_projections(model)
         cross_entropy_backward(model, inputs)
         total = 0.0
-        for layer in linears:
-            if layer.weight.grad is None:
+        for view in views:
+            grad = view.grad()
+            if grad is None:
                 continue
-            weight_norm = torch.linalg.matrix_norm(layer.weight.detach(), ord="nuc")
-            grad_norm = torch.linalg.matrix_norm(layer.weight.grad, ord="nuc")
-            total += float(weight_norm * grad_norm)
+            weight_norm = torch.linalg.matrix_norm(view.value(), ord="nuc")
+            total += float(weight_norm * torch.linalg.matrix_norm(grad, ord="nuc"))
         return total
 
 
@@ -102,12 +114,12 @@ class SynapticSaliency(_TransformerProxy):
     name = "synaptic_saliency"
 
     def compute(self, model: nn.Module, inputs: ProxyInputs) -> float:
-        linears = _mlp_linears(model)
+        layers = mlp_layers(model)
         cross_entropy_backward(model, inputs)
         return float(
             sum(
                 (m.weight.detach() * m.weight.grad).abs().sum()
-                for m in linears
+                for m in layers
                 if m.weight.grad is not None
             )
         )

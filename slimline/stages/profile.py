@@ -22,6 +22,8 @@ class ProfileParams:
     providers: list[str] = param(["CPUExecutionProvider"], help="execution providers, in order")
     per_op: bool = param(True, help="per-op-type breakdown from onnxruntime's profiler")
     per_op_runs: int = param(50, help="profiled runs per batch size for the breakdown")
+    seq_len: int | None = param(
+        None, help="token models: sequence length timed (default: the dataset's)")
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -54,6 +56,8 @@ def profile_latency(ctx: StageContext, inputs: list[Artifact], p: ProfileParams)
                 providers=tuple(p.providers),
                 per_op=p.per_op,
                 per_op_runs=p.per_op_runs,
+                seq_len=p.seq_len or (inputs[0].input_shape[0] if inputs[0].inputs.is_tokens
+                                      else None),
             )
         except (OSError, ValueError) as exc:
             raise ctx.fail(str(exc)) from None
@@ -82,6 +86,8 @@ def profile_latency(ctx: StageContext, inputs: list[Artifact], p: ProfileParams)
         "quant_format": report.quant_format,
         "int8_warnings": list(report.diagnostics),
     }
+    if report.seq_len is not None:
+        out.metrics["seq_len"] = report.seq_len
     if report.op_profiles:
         out.metrics["op_breakdown"] = {
             str(profile.batch_size): {

@@ -41,6 +41,7 @@ def run_pruner(ctx: StageContext, inputs: list[Artifact], config: Any) -> tuple[
         try:
             result = prune(out.model, config, data=ctx.data if config.uses_data() else None,
                            masks=out.masks, example_input=out.example_input(1), seed=ctx.seed,
+                           input_spec=out.inputs,
                            progress=ctx.progress)
         except MethodError as exc:
             raise ctx.fail(str(exc)) from None

@@ -43,7 +43,7 @@ def run_quantizer(ctx: StageContext, inputs: list[Artifact], config: Any) -> tup
             result = quantize(out.model, config, data=ctx.data if config.uses_data() else None,
                               target=ctx.target, masks=out.masks,
                               example_input=out.example_input(1), seed=ctx.seed,
-                              progress=ctx.progress)
+                              progress=ctx.progress, input_spec=out.inputs)
         except MethodError as exc:
             raise ctx.fail(str(exc)) from None
     out.state["quantization"] = result.state.to_dict()

@@ -22,6 +22,7 @@ from slimline.compress.quant.qat.lsq import LSQQuantizer
 from slimline.compress.quant.qat.oscillation import OscillationTracker
 from slimline.compress.quant.qat.qkr import merged_query_key, qkr_attention
 from slimline.compress.quant.qat.statsq import StatsQQuantizer, statsq_scale, statsq_spec
+from slimline.compress.quant.rtn import quantizable_modules
 from slimline.compress.quant.spec import QuantSpec
 from slimline.compress.quant.state import QuantState, TensorPoint, attach_quantization
 from slimline.compress.quant.target import Target, WeightGrid, layer_weight_bits, scheme_record
@@ -66,11 +67,20 @@ class QATController:
             for name, m in model.named_modules()
             if config.qkr and hasattr(m, "num_heads") and hasattr(m, "q")
         }
+        if config.qkr and not self.attentions:
+            raise ValueError(
+                "qkr: no attention block of the layout QKR knows (slimline's ViT Attention with "
+                "q/k/v/proj Linears and num_heads) in "
+                f"{type(model).__name__}; Hugging Face and torch attention are not "
+                "reparameterised yet: set qkr: false")
         qk = {f"{a}.{p}" for a in self.attentions for p in ("q", "k")}
+        # MultiheadAttention's out_proj (bypassed by its forward) and tied weights stay float.
+        usable = quantizable_modules(model)
         self.layers = {
             name: m
             for name, m in model.named_modules()
             if isinstance(m, _LAYERS)
+            and name in usable
             and name not in qk
             and not (config.skip and re.search(config.skip, name))
         }
