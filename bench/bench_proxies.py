@@ -127,7 +127,9 @@ def correlation_rows(
 
     keep = list(range(len(truth))) if subset is None else list(subset)
     vanilla = [truth.mean_accuracy(VANILLA_KEY)[i] for i in keep]
-    distilled = [truth.mean_accuracy(DISTILLED_KEY)[i] for i in keep]
+    has_distilled = getattr(truth, "distilled", True)
+    distilled = ([truth.mean_accuracy(DISTILLED_KEY)[i] for i in keep] if has_distilled
+                 else [math.nan] * len(keep))
     columns = dict(scores)
     columns["fixture:params"] = [float(v) for v in truth.values("params")]
     columns["fixture:flops"] = [float(v) for v in truth.values("flops")]
@@ -160,6 +162,8 @@ def diswot_vs_vanilla(
 ) -> list[dict[str, Any]]:
     """Distilled accuracy of each DisWOT proxy's top pick vs that of the best vanilla proxy's
     (highest Kendall tau against vanilla accuracy, size baselines excluded)."""
+    if not getattr(truth, "distilled", True):
+        return []  # a vanilla-only table: nothing distilled to compare
     distilled = truth.mean_accuracy(DISTILLED_KEY)
     teacherless = [
         r
@@ -342,7 +346,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path in paths:
         truth = load_fixture(path)
         fixtures.append(
-            evaluate_fixture(truth, load_teacher(truth), names, args.batch, seed=args.seed)
+            evaluate_fixture(truth, load_teacher(truth) if truth.distilled else None, names,
+                             args.batch, seed=args.seed)
         )
     if not paths:
         pending = (

@@ -2,9 +2,10 @@
 
 A fixture (``tests/fixtures/nas/<name>.json``) holds, for every architecture of a sample of a
 search space, its parameter count, FLOPs and accuracy on the val and test splits after a short
-training run, once with cross-entropy ("vanilla") and once distilled from a fixed teacher
-(Hinton et al., 2015), for each of several seeds. Proxies and searches are scored against it
-by rank correlation (:func:`kendall_tau`, :func:`spearman`).
+training run, for each of several seeds; tables built with a teacher also hold the accuracy of
+the same run distilled from it (Hinton et al., 2015). Proxies and searches are scored against
+it by rank correlation (:func:`kendall_tau`, :func:`spearman`). Reading fixtures lives in
+:mod:`slimline.search.groundtruth_data` (re-exported here):
 
     from slimline.search.groundtruth import load_fixture
     truth = load_fixture("digits-cnn")
@@ -21,12 +22,14 @@ proxy can be scored within a family and across both.
 
 Every seed ``s`` builds the model right after ``torch.manual_seed(s)`` and shuffles with ``s``;
 results are bit-for-bit reproducible for one torch version and thread count (both recorded).
+Accuracies are stored rounded to :data:`DIGITS` decimals (every split here has fewer than
+10,000 samples, so distinct accuracies stay distinct and the ranking is exact).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -40,64 +43,53 @@ import torch.nn as nn
 from slimline.compress.prune.flops import count_flops, count_params
 from slimline.data import Dataset, cache_dir, load_dataset
 from slimline.evaluation import accuracy, predict
-from slimline.io import atomic_path, canonical_json, read_json, sha256_text, write_json
+from slimline.io import atomic_path, canonical_json, read_json, sha256_text, write_text
+from slimline.search.groundtruth_data import (
+    ACCURACY_KEYS,
+    FIXTURE_DIR,
+    FORMAT,
+    POOL_DIR,
+    GroundTruth,
+    kendall_tau,
+    load_fixture,
+    seed_to_seed,
+    spearman,
+)
 from slimline.search.space import space_from_dict
 from slimline.training import TrainParams, fit
 
 __all__ = [
+    "ACCURACY_KEYS",
     "FIXTURE_DIR",
     "FORMAT",
+    "POOL_DIR",
     "GroundTruth",
     "GroundTruthConfig",
     "build_groundtruth",
     "kendall_tau",
     "load_fixture",
     "load_teacher",
+    "seed_to_seed",
     "spearman",
+    "write_fixture",
 ]
 
-FORMAT = 1
-FIXTURE_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nas"
-ACCURACY_KEYS = (
-    "val_accuracy",
-    "test_accuracy",
-    "distilled_val_accuracy",
-    "distilled_test_accuracy",
-)
-
-
-# ---- rank correlation ------------------------------------------------------------------------
-def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Kendall's tau-b (ties in either ranking corrected, Kendall 1945), via scipy.
-
-    ``None`` when undefined (fewer than two values, or one ranking constant)."""
-    from scipy.stats import kendalltau
-
-    return _finite(kendalltau(x, y, variant="b").statistic) if len(x) > 1 else None
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Spearman's rho: Pearson correlation of average ranks (ties share their mean rank)."""
-    from scipy.stats import spearmanr
-
-    return _finite(spearmanr(x, y).statistic) if len(x) > 1 else None
-
-
-def _finite(value: Any) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
+DIGITS = 6
 
 
 # ---- configuration -----------------------------------------------------------------------------
 @dataclass
 class GroundTruthConfig:
-    """Everything that determines a fixture's numbers (hashed into its resume check)."""
+    """Everything that determines a fixture's numbers (hashed into its resume check).
+
+    ``distill=False`` trains vanilla runs only (no teacher, half the cost); ``teacher_spec`` is
+    then not needed."""
 
     name: str
     dataset: str
     space: dict[str, Any]
     count: int
-    teacher_spec: dict[str, Any]
+    teacher_spec: dict[str, Any] | None = None
     train: TrainParams = field(default_factory=TrainParams)
     teacher_train: TrainParams = field(default_factory=TrainParams)
     teacher_seed: int = 0
@@ -106,6 +98,13 @@ class GroundTruthConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    distill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.distill and self.teacher_spec is None:
+            raise ValueError(f"ground truth {self.name!r}: distill=True needs a teacher_spec")
+        if len(self.seeds) < 1 or self.count < 1:
+            raise ValueError(f"ground truth {self.name!r}: needs count >= 1 and >= 1 seed")
 
     def replace(self, **changes: Any) -> GroundTruthConfig:
         return dataclasses.replace(self, **changes)
@@ -146,6 +145,9 @@ def load_teacher(fixture: GroundTruth | str | Path) -> nn.Module:
     """Re-create a fixture's teacher (train or load from cache); warns if its test accuracy
     differs from the recorded one (another torch version or thread count)."""
     truth = fixture if isinstance(fixture, GroundTruth) else load_fixture(fixture)
+    if truth.teacher is None:
+        raise ValueError(f"fixture {truth.name!r} was built without distillation and has no "
+                         "teacher; check truth.distilled before asking for one")
     dataset = truth.load_dataset()
     model = train_teacher(dataset, truth.teacher)
     measured = accuracy(predict(model, dataset.x_test), dataset.y_test)
@@ -199,63 +201,89 @@ def train_and_score(
 
 
 def measure_architecture(
-    space: Any, arch: Any, dataset: Dataset, config: GroundTruthConfig, teacher: nn.Module
+    space: Any, arch: Any, dataset: Dataset, config: GroundTruthConfig,
+    teacher: nn.Module | None,
 ) -> dict[str, Any]:
-    """One fixture entry: size, cost and vanilla/distilled accuracies for every seed.
+    """One fixture entry: size, cost and vanilla (and, with a teacher, distilled) accuracies
+    for every seed.
 
-    Each seed initialises the model with ``torch.manual_seed(seed)`` and shuffles with it, so the
-    vanilla and the distilled run of a seed start from the same weights."""
+    Each seed initialises the model with ``torch.manual_seed(seed)`` and shuffles with it, so
+    the vanilla and the distilled run of a seed start from the same weights."""
     from slimline.distillation import distillation_loss_fn
 
     started = time.perf_counter()
     model = space.build_model(arch)
+    runs: list[tuple[str, Any]] = [("", None)]
+    if teacher is not None:
+        distill = distillation_loss_fn(
+            teacher if isinstance(teacher, RecordedTeacher)
+            else RecordedTeacher(teacher, dataset.x_train),
+            temperature=config.temperature,
+            alpha=config.alpha,
+        )
+        runs.append(("distilled_", distill))
     entry: dict[str, Any] = {
         "arch": arch.to_dict(),
         "digest": arch.digest,
         "family": getattr(arch, "family", space.to_dict().get("family")),
         "params": count_params(model),
         "flops": count_flops(model, dataset.x_test[:1]).total,
-        **{key: [] for key in ACCURACY_KEYS},
+        **{f"{prefix}{split}": [] for prefix, _ in runs
+           for split in ("val_accuracy", "test_accuracy")},
     }
-    distill = distillation_loss_fn(
-        teacher if isinstance(teacher, RecordedTeacher)
-        else RecordedTeacher(teacher, dataset.x_train),
-        temperature=config.temperature,
-        alpha=config.alpha,
-    )
     for seed in config.seeds:
-        for prefix, loss_fn in (("", None), ("distilled_", distill)):
+        for prefix, loss_fn in runs:
             torch.manual_seed(seed)
             val, test = train_and_score(space.build_model(arch), dataset, config.train, seed,
                                         loss_fn)
-            entry[f"{prefix}val_accuracy"].append(val)
-            entry[f"{prefix}test_accuracy"].append(test)
+            entry[f"{prefix}val_accuracy"].append(round(val, DIGITS))
+            entry[f"{prefix}test_accuracy"].append(round(test, DIGITS))
     entry["seconds"] = round(time.perf_counter() - started, 2)
     return entry
 
 
 # ---- the whole fixture -------------------------------------------------------------------------
-def seed_to_seed(architectures: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Rank agreement of seed 0 and seed 1 over the architectures (how reproducible the
-    ranking the proxies are scored against is)."""
-    result: dict[str, dict[str, Any]] = {"kendall_tau": {}, "spearman": {}}
-    for key in ("test_accuracy", "distilled_test_accuracy", "val_accuracy"):
-        pairs = [a[key] for a in architectures if len(a[key]) >= 2]
-        first, second = [p[0] for p in pairs], [p[1] for p in pairs]
-        result["kendall_tau"][key] = kendall_tau(first, second)
-        result["spearman"][key] = spearman(first, second)
-    return result
+def write_fixture(path: str | Path, fixture: Mapping[str, Any]) -> Path:
+    """Write ``fixture`` as JSON with its header indented and one architecture per line: a
+    1,000-architecture pool stays a few hundred KB, and a rebuilt entry is a one-line diff."""
+    header = json.dumps({k: v for k, v in fixture.items() if k != "architectures"}, indent=2,
+                        sort_keys=True)
+    entries = ",\n".join("    " + json.dumps(entry, sort_keys=True)
+                         for entry in fixture.get("architectures", []))
+    body = f'{header[:-2]},\n  "architectures": [\n{entries}\n  ]\n}}\n'
+    return write_text(path, body)
 
 
 def _summary(architectures: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("test_accuracy", "distilled_test_accuracy"):
+        if key not in architectures[0]:
+            continue
         means = [sum(a[key]) / len(a[key]) for a in architectures]
         out[key] = {"min": min(means), "max": max(means), "mean": sum(means) / len(means)}
     return out
 
 
-def _header(config: GroundTruthConfig, space: Any, teacher_accuracy: float) -> dict[str, Any]:
+def _teacher_description(config: GroundTruthConfig) -> dict[str, Any]:
+    return {
+        "model_spec": config.teacher_spec,
+        "train": dataclasses.asdict(config.teacher_train),
+        "seed": config.teacher_seed,
+    }
+
+
+def _header(config: GroundTruthConfig, space: Any, teacher_accuracy: float | None
+            ) -> dict[str, Any]:
+    distill = None
+    teacher = None
+    if config.distill:
+        teacher = _teacher_description(config) | {"test_accuracy": teacher_accuracy}
+        distill = {
+            "loss": "hinton",
+            "temperature": config.temperature,
+            "alpha": config.alpha,
+            "teacher_logits": "precomputed on the train split (eval mode)",
+        }
     return {
         "format": FORMAT,
         "name": config.name,
@@ -266,18 +294,8 @@ def _header(config: GroundTruthConfig, space: Any, teacher_accuracy: float) -> d
         "sample_seed": config.sample_seed,
         "train": dataclasses.asdict(config.train),
         "seeds": list(config.seeds),
-        "teacher": {
-            "model_spec": config.teacher_spec,
-            "train": dataclasses.asdict(config.teacher_train),
-            "seed": config.teacher_seed,
-            "test_accuracy": teacher_accuracy,
-        },
-        "distill": {
-            "loss": "hinton",
-            "temperature": config.temperature,
-            "alpha": config.alpha,
-            "teacher_logits": "precomputed on the train split (eval mode)",
-        },
+        "teacher": teacher,
+        "distill": distill,
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -285,7 +303,7 @@ def _header(config: GroundTruthConfig, space: Any, teacher_accuracy: float) -> d
 def _resumable(path: Path, header: Mapping[str, Any]) -> bool:
     old = read_json(path)
     # ``count`` is left out: a rerun asking for fewer or more architectures keeps every entry
-    # whose digest it samples again (resnet_flex samples are prefixes of larger ones).
+    # whose digest it samples again (samples of one seed are prefixes of larger ones).
     return all(old.get(k) == v for k, v in header.items() if k != "count")
 
 
@@ -312,15 +330,14 @@ def build_groundtruth(
     target = out if parts == 1 else out.with_name(f"{out.stem}.shard{part}of{parts}{out.suffix}")
     space = space_from_dict(config.space, source=f"ground truth {config.name!r} space")
     dataset = load_dataset(config.dataset, **config.dataset_kwargs)
-    teacher_desc = {
-        "model_spec": config.teacher_spec,
-        "train": dataclasses.asdict(config.teacher_train),
-        "seed": config.teacher_seed,
-    }
-    teacher = train_teacher(dataset, teacher_desc)
-    teacher_accuracy = accuracy(predict(teacher, dataset.x_test), dataset.y_test)
-    recorded = RecordedTeacher(teacher, dataset.x_train)
-    log(f"[{config.name}] teacher test accuracy {teacher_accuracy:.4f}")
+    recorded, teacher_accuracy = None, None
+    if config.distill:
+        teacher = train_teacher(dataset, _teacher_description(config))
+        teacher_accuracy = accuracy(predict(teacher, dataset.x_test), dataset.y_test)
+        recorded = RecordedTeacher(teacher, dataset.x_train)
+        log(f"[{config.name}] teacher test accuracy {teacher_accuracy:.4f}")
+    else:
+        log(f"[{config.name}] vanilla runs only (no teacher, no distilled accuracies)")
     header = _header(config, space, teacher_accuracy)
     done: dict[str, dict[str, Any]] = {}
     shard_files = sorted(out.parent.glob(f"{out.stem}.shard*of*{out.suffix}"))
@@ -334,15 +351,17 @@ def build_groundtruth(
     archs = space.sample(config.count, seed=config.sample_seed)
     mine = [(i, arch) for i, arch in enumerate(archs) if i % parts == part]
     entries: list[dict[str, Any]] = []
+    fixture: dict[str, Any] = {}
     for position, (index, arch) in enumerate(mine):
         entry = done.get(arch.digest) or measure_architecture(space, arch, dataset, config,
                                                               recorded)
         entries.append(entry)
         mean = sum(entry["test_accuracy"]) / len(entry["test_accuracy"])
-        kd = sum(entry["distilled_test_accuracy"]) / len(entry["distilled_test_accuracy"])
+        kd = entry.get("distilled_test_accuracy")
         log(f"[{config.name}] {index + 1}/{len(archs)} {entry['family']} {arch} "
-            f"params={entry['params']} test={mean:.4f} distilled={kd:.4f} "
-            f"({entry['seconds']:.1f}s{', cached' if arch.digest in done else ''})")
+            f"params={entry['params']} test={mean:.4f}"
+            + (f" distilled={sum(kd) / len(kd):.4f}" if kd else "")
+            + f" ({entry['seconds']:.1f}s{', cached' if arch.digest in done else ''})")
         complete = parts == 1 and position + 1 == len(mine)
         fixture = header | {
             "complete": complete,
@@ -353,80 +372,8 @@ def build_groundtruth(
         }
         if complete:
             fixture |= {"seed_to_seed": seed_to_seed(entries), "summary": _summary(entries)}
-        write_json(target, fixture)
+        write_fixture(target, fixture)
     if parts == 1:
         for path in shard_files:
             path.unlink()
     return fixture
-
-
-# ---- reading fixtures --------------------------------------------------------------------------
-@dataclass
-class GroundTruth:
-    """A loaded fixture: ``architectures[i]`` is entry ``i`` (see the module docstring)."""
-
-    name: str
-    dataset: str
-    dataset_kwargs: dict[str, Any]
-    space: Any
-    train: TrainParams
-    seeds: list[int]
-    teacher: dict[str, Any]
-    distill: dict[str, Any]
-    architectures: list[dict[str, Any]]
-    raw: dict[str, Any]
-
-    def __len__(self) -> int:
-        return len(self.architectures)
-
-    def arch(self, index: int) -> Any:
-        """Architecture ``index`` as the space's architecture object."""
-        return self.space.architecture_from_dict(self.architectures[index]["arch"])
-
-    def build_model(self, index: int) -> nn.Module:
-        """Architecture ``index``, freshly initialised."""
-        return self.space.build_model(self.arch(index))
-
-    def model_spec(self, index: int) -> dict[str, Any]:
-        return self.space.model_spec(self.arch(index))
-
-    def mean_accuracy(self, key: str = "test_accuracy") -> list[float]:
-        """Seed-averaged ``key`` (one of val/test, optionally ``distilled_``) per architecture."""
-        if key not in ACCURACY_KEYS:
-            raise KeyError(f"unknown accuracy key {key!r}; use one of {', '.join(ACCURACY_KEYS)}")
-        return [sum(a[key]) / len(a[key]) for a in self.architectures]
-
-    def values(self, key: str) -> list[Any]:
-        """A per-architecture field, e.g. ``params``, ``flops`` or ``family``."""
-        return [a[key] for a in self.architectures]
-
-    def load_dataset(self) -> Dataset:
-        return load_dataset(self.dataset, **self.dataset_kwargs)
-
-
-def load_fixture(name_or_path: str | Path) -> GroundTruth:
-    """A fixture by name (``digits-cnn`` -> ``tests/fixtures/nas/digits-cnn.json``) or path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = FIXTURE_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        known = sorted(p.stem for p in FIXTURE_DIR.glob("*.json")) if FIXTURE_DIR.is_dir() else []
-        raise FileNotFoundError(
-            f"no ground-truth fixture {str(name_or_path)!r} (looked for {path}); known: "
-            f"{', '.join(known) or 'none'}; build one with bench/build_nas_groundtruth.py"
-        )
-    data = read_json(path)
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: fixture format {data.get('format')!r}, expected {FORMAT}")
-    return GroundTruth(
-        name=data["name"],
-        dataset=data["dataset"],
-        dataset_kwargs=data.get("dataset_kwargs", {}),
-        space=space_from_dict(data["space"], source=f"{path}: space"),
-        train=TrainParams(**data["train"]),
-        seeds=list(data["seeds"]),
-        teacher=data["teacher"],
-        distill=data["distill"],
-        architectures=data["architectures"],
-        raw=data,
-    )

@@ -154,6 +154,8 @@ class CandidateEvaluator:
                 self.proxies.append(name)
         self.latency, self.seed = latency, seed
         self.cache: dict[str, Candidate] = {}
+        # Scores computed from the proxy scores (e.g. the fitted ensemble objective), by name.
+        self.derived: dict[str, Callable[[dict[str, float]], float]] = {}
 
     def build(self, arch: Any) -> nn.Module:
         torch.manual_seed(self.seed)
@@ -177,6 +179,8 @@ class CandidateEvaluator:
         )
         candidate.scores = score_architecture(lambda: self.build(arch), self.proxies,
                                               self.inputs, seed=self.seed)
+        for name, derive in self.derived.items():
+            candidate.scores[name] = derive(candidate.scores)
         candidate.seconds = time.perf_counter() - start
         self.cache[digest] = candidate
         return candidate

@@ -13,10 +13,7 @@ from slimline.search.robot import minmax_normalise, robot_search
 def run_robot(setup: Any, ctx: Any) -> tuple[list[Any], Any, dict[str, Any]]:
     """Score the pool with every proxy, drop what breaks the limits, run RoBoT; returns
     (candidates, chosen, extra metrics)."""
-    import torch
-
-    from slimline.evaluation import accuracy, predict
-    from slimline.training import TrainParams, fit
+    from slimline.search.nas_ensemble import short_training_accuracy
 
     p = setup.params
     pool_archs = setup.space.sample(p.pool_size, seed=ctx.seed)
@@ -30,15 +27,12 @@ def run_robot(setup: Any, ctx: Any) -> tuple[list[Any], Any, dict[str, Any]]:
         return candidates, None, {}
     names = setup.evaluator.proxies
     matrix = np.array([[c.scores[name] for name in names] for c in pool], dtype=np.float64)
-    x_val, y_val = ctx.data.split("val")
     queried_accuracy: dict[str, float] = {}
     bar = ctx.progress(min(p.query_budget, len(pool)), "short trainings")
 
     def query(index: int) -> float:
-        torch.manual_seed(ctx.seed)
-        model = setup.space.build_model(pool[index].arch)
-        fit(model, ctx.data, TrainParams(epochs=p.query_epochs), seed=ctx.seed)
-        value = accuracy(predict(model, x_val), y_val)
+        value = short_training_accuracy(setup.space, pool[index].arch, ctx.data,
+                                        p.query_epochs, ctx.seed)
         queried_accuracy[pool[index].digest] = value
         bar.update(1, val_acc=value)
         return value

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from slimline.search.nas_groundtruth import groundtruth_lines
 from slimline.search.pareto import pareto_front, plot_front
 
 __all__ = ["summarise_search"]
@@ -103,10 +104,20 @@ def _markdown(summary: dict[str, Any], rows: list[dict[str, Any]], front: list[i
                   f"Queries: {len(robot['queried'])} short trainings "
                   f"({robot['exploration_queries']} in the BO stage); best val accuracy "
                   f"{max(robot['query_val_accuracy']):.4f}."]
+    if "ensemble" in summary:
+        lines += ["", _ensemble_line(summary["ensemble"])]
+    lines += groundtruth_lines(summary.get("groundtruth", []))
     lines += ["", "Proxies are computed on one fixed training mini-batch at random init; "
               "#params and FLOPs are the baselines every proxy must beat (see bench/RESULTS.md "
               "for each proxy's rank correlation with trained accuracy)."]
     return "\n".join(lines)
+
+
+def _ensemble_line(ensemble: dict[str, Any]) -> str:
+    fit = ensemble.get("fit")
+    how = (f"fitted on {fit['queried']} short trainings of a {ensemble['reference_pool']}-"
+           f"architecture reference pool" if fit else "the prior: nothing was trained")
+    return f"Accuracy objective: rank ensemble `{ensemble['ensemble']}` ({how})."
 
 
 def _key(value: Any) -> float:

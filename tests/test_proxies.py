@@ -28,7 +28,11 @@ from slimline.search.proxies import (
 )
 from slimline.search.proxies.activation import naswot_kernel_logdet, zen_score
 from slimline.search.proxies.base import correlation_eigen_score
-from slimline.search.proxies.transformer import _attention_linears, _mlp_linears, head_confidence
+from slimline.search.proxies.transformer import (
+    attention_projections,
+    head_confidence,
+    mlp_layers,
+)
 
 K = 1e-5
 
@@ -233,25 +237,24 @@ def test_transformer_proxies_read_the_right_layers():
     torch.manual_seed(0)
     model = build_model("vit", depth=2, dim=16, heads=2)
     names = {id(m): n for n, m in model.named_modules()}
-    assert sorted(names[id(m)] for m in _mlp_linears(model)) == [
+    assert sorted(names[id(m)] for m in mlp_layers(model)) == [
         "blocks.0.mlp.fc1",
         "blocks.0.mlp.fc2",
         "blocks.1.mlp.fc1",
         "blocks.1.mlp.fc2",
     ]
-    assert len(_attention_linears(model)) == 8  # q, k, v, proj per block
+    assert len(attention_projections(model)) == 8  # q, k, v, proj per block
     inputs = ProxyInputs(torch.randn(4, 1, 8, 8), torch.arange(4), 10)
     model.train()
     nn.functional.cross_entropy(model(inputs.x), inputs.y).backward()
     saliency = sum(
-        float((m.weight.detach() * m.weight.grad).abs().sum()) for m in _mlp_linears(model)
+        float((m.weight.detach() * m.weight.grad).abs().sum()) for m in mlp_layers(model)
     )
     diversity = sum(
         float(
-            torch.linalg.matrix_norm(m.weight.detach(), "nuc")
-            * torch.linalg.matrix_norm(m.weight.grad, "nuc")
+            torch.linalg.matrix_norm(v.value(), "nuc") * torch.linalg.matrix_norm(v.grad(), "nuc")
         )
-        for m in _attention_linears(model)
+        for v in attention_projections(model)
     )
     assert get_proxy("synaptic_saliency").score(model, inputs) == pytest.approx(saliency, rel=1e-5)
     assert get_proxy("synaptic_diversity").score(model, inputs) == pytest.approx(

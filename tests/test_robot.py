@@ -88,3 +88,48 @@ def test_baselines():
     trace = random_search(4, lambda i: float(observed[i]), 4, seed=0)
     assert sorted(trace.queried) == [0, 1, 2, 3] and trace.best == 1
     assert trace.best_so_far()[-1] == 1
+
+
+# ---- the pool benchmark's bookkeeping (bench/bench_robot.py) ----------------------------------
+class _FakePool:
+    """What bench_robot.compare reads from a fixture: recorded accuracies per architecture."""
+
+    def __init__(self, val, test):
+        self.architectures = [{"val_accuracy": [v], "test_accuracy": [t]}
+                              for v, t in zip(val, test)]
+
+    def mean_accuracy(self, key):
+        return [a[key][0] for a in self.architectures]
+
+
+def test_truth_ranks_share_the_best_rank_on_ties():
+    from bench.bench_robot import truth_ranks
+
+    assert truth_ranks([0.5, 0.9, 0.5, 0.1]).tolist() == [2, 1, 2, 4]
+
+
+def test_pool_benchmark_gives_every_method_the_same_budget():
+    from bench.bench_robot import compare, ensemble_search
+    from slimline.search.leaderboard import TableScores
+
+    rng = np.random.default_rng(0)
+    quality = rng.normal(size=200)
+    val, test = quality + 0.1 * rng.normal(size=200), quality
+    # snip tracks the truth, #params is noise: the ensemble must learn to leave #params.
+    scores = {"params": list(rng.normal(size=200)),
+              "snip": list(quality + 0.3 * rng.normal(size=200))}
+    calls: list[int] = []
+
+    def query(i: int) -> float:
+        calls.append(i)
+        return float(val[i])
+
+    trace = ensemble_search(scores, query, 10, seed=0)
+    assert len(calls) == len(set(calls)) == 10 == len(trace.queried)
+    run = TableScores("fake", 0, 64, scores)
+    result = compare(_FakePool(val, test), [run], budget=10, seeds=6)
+    for method in ("robot", "random", "ensemble"):
+        assert 1 <= result[method]["rank"] <= 200 and result[method]["regret"] >= 0
+    assert result["best_proxy"] == "snip" and result["single"]["snip"]["rank"] <= 3
+    # Fitted on 5 random queries, the ensemble switches to snip and beats #params' top-10.
+    assert result["ensemble"]["rank"] < result["params"]["rank"]

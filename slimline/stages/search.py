@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from slimline.artifact import Artifact
 from slimline.params import ParamError, param
+from slimline.search.ensemble import DEFAULT_MEMBERS as ENSEMBLE_MEMBERS
+from slimline.search.nas_ensemble import ENSEMBLE
 from slimline.stage import StageContext, register_stage
 
 # What bench/bench_proxies.py ranks best on our ground truth, plus the cheap baselines; the
@@ -38,8 +40,22 @@ class NasParams:
     trials: int = param(40, help="nsga2/tpe/random: architectures the study evaluates in all "
                         "(over every worker)")
     accuracy_proxy: str = param(
-        "snip", help="nsga2/tpe/random: the zero-cost proxy maximised as the accuracy objective "
-        "(see bench/RESULTS.md for how each ranks trained networks)")
+        "ensemble", help="nsga2/tpe/random: the accuracy objective maximised: 'ensemble' (a "
+        "rank ensemble of ensemble_members fitted on ensemble_queries short trainings; "
+        "docs/search.md) or one zero-cost proxy (bench/RESULTS.md ranks them)")
+    ensemble_members: list[str] = param(
+        list(ENSEMBLE_MEMBERS), help="accuracy_proxy ensemble: the proxies it may combine "
+        "(those that do not apply to the space are left out)")
+    ensemble_queries: int = param(
+        20, help="accuracy_proxy ensemble: short trainings (query_epochs each) the ensemble is "
+        "fitted on; 0 trains nothing and keeps the prior (#params)")
+    ensemble_pool: int = param(
+        100, help="accuracy_proxy ensemble: sampled architectures the members' percentile ranks "
+        "are taken within (the queries are drawn from it)")
+    groundtruth: str = param(
+        "auto", help="ground-truth table whose Kendall tau the report shows for the objective "
+        "and #params: auto (a table in tests/fixtures/nas covering the space), none, or a "
+        "table name or path")
     proxies: list[str] = param(
         DEFAULT_PROXIES, help="proxies computed for every candidate (robot combines these)")
     latency: Literal["table", "measure", "none"] = param(
@@ -56,7 +72,8 @@ class NasParams:
         "onnxruntime, batch 1, 1 thread): a budget that holds on any machine")
     query_budget: int = param(10, help="robot: short trainings (distinct architectures queried)")
     pool_size: int = param(100, help="robot: architectures sampled and scored by the proxies")
-    query_epochs: int = param(3, help="robot: epochs of each short training (val accuracy)")
+    query_epochs: int = param(3, help="robot and the ensemble fit: epochs of each short "
+                              "training (val accuracy)")
     proxy_batch: int = param(64, help="training samples in the proxies' mini-batch")
     storage: str | None = param(
         None, help="Optuna storage URL shared with `slimline search worker` processes "
@@ -65,10 +82,23 @@ class NasParams:
 
     def __post_init__(self) -> None:
         load_search_space(self.space)  # a bad space fails at validation, with its line
-        for name in ("trials", "query_budget", "pool_size", "query_epochs", "proxy_batch"):
+        for name in ("trials", "query_budget", "pool_size", "query_epochs", "proxy_batch",
+                     "ensemble_pool"):
             if getattr(self, name) < 1:
                 raise ParamError(name, f"must be at least 1, got {getattr(self, name)}")
-        if self.strategy != "robot" and self.accuracy_proxy not in self.proxies:
+        if not 0 <= self.ensemble_queries <= self.ensemble_pool:
+            raise ParamError("ensemble_queries", f"must be between 0 and ensemble_pool "
+                             f"({self.ensemble_pool}), got {self.ensemble_queries}")
+        if self.strategy != "robot" and self.accuracy_proxy == ENSEMBLE:
+            from slimline.search.proxies import list_proxies
+
+            unknown = [m for m in self.ensemble_members if m not in list_proxies()]
+            if unknown or not self.ensemble_members:
+                raise ParamError("ensemble_members", f"unknown proxy {unknown[0]!r}" if unknown
+                                 else "needs at least one proxy")
+            self.proxies = [*self.proxies,
+                            *(m for m in self.ensemble_members if m not in self.proxies)]
+        elif self.strategy != "robot" and self.accuracy_proxy not in self.proxies:
             self.proxies = [*self.proxies, self.accuracy_proxy]
         if self.latency_table is not None and self.latency != "table":
             raise ParamError("latency_table", "is only used with latency: table")
@@ -111,6 +141,7 @@ class SearchSetup:
     evaluator: Any
     limits: Any
     directions: list[str]
+    ensemble: Any = None  # the fitted EnsembleObjective when accuracy_proxy is 'ensemble'
 
     def objective(self):
         from slimline.search.nas import study_objective
@@ -130,8 +161,9 @@ class SearchSetup:
 
 
 def prepare_search(p: NasParams, data: Any, teacher: Artifact | None, *, seed: int,
-                   work_dir: Path, log=print) -> SearchSetup:
-    """Space, proxy inputs (one fixed training mini-batch), latency model and limits."""
+                   work_dir: Path, log=print, progress=None) -> SearchSetup:
+    """Space, proxy inputs (one fixed training mini-batch), latency model, limits and, for the
+    ensemble objective, its fit (``progress(total, desc)`` shows the short trainings)."""
     import torch
 
     from slimline.search.nas import CandidateEvaluator, Limits, MeasuredLatency, TableLatency
@@ -165,8 +197,17 @@ def prepare_search(p: NasParams, data: Any, teacher: Artifact | None, *, seed: i
     if objective_proxy is not None and objective_proxy in evaluator.skipped:
         raise ParamError("accuracy_proxy", f"{objective_proxy!r} "
                          f"{evaluator.skipped[objective_proxy]} in space {space.name!r}")
+    ensemble = None
+    if objective_proxy == ENSEMBLE:
+        from slimline.search.nas_ensemble import calibrate_ensemble
+
+        members = [m for m in p.ensemble_members if m in evaluator.proxies]
+        ensemble = calibrate_ensemble(space, inputs, data, members, pool_size=p.ensemble_pool,
+                                      queries=p.ensemble_queries, query_epochs=p.query_epochs,
+                                      seed=seed, log=log, progress=progress)
+        evaluator.derived[ENSEMBLE] = ensemble
     directions = ["maximize"] + (["minimize"] if p.latency != "none" else [])
-    return SearchSetup(p, space, evaluator, limits, directions)
+    return SearchSetup(p, space, evaluator, limits, directions, ensemble)
 
 
 def _latency_table(p: NasParams, space: Any, work_dir: Path, log) -> Any:
@@ -195,7 +236,7 @@ def search_nas(ctx: StageContext, inputs: list[Artifact], p: NasParams) -> Artif
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress bar says enough
     teacher = inputs[0]
     setup = prepare_search(p, ctx.data, teacher, seed=ctx.seed, work_dir=ctx.work_dir,
-                           log=ctx.log)
+                           log=ctx.log, progress=ctx.progress)
     if p.strategy == "robot":
         from slimline.search.nas_robot import run_robot
 
@@ -213,6 +254,13 @@ def search_nas(ctx: StageContext, inputs: list[Artifact], p: NasParams) -> Artif
             f"{_fmt_ms(limits.max_latency_ms)}); the smallest had {smallest} parameters"
             + (f", the fastest {fastest:.4f} ms" if fastest is not None else "")
             + ": relax the limits, add smaller choices to the space, or raise `trials`")
+    if setup.ensemble is not None:
+        extra["ensemble"] = setup.ensemble.summary()
+    from slimline.search.nas_groundtruth import groundtruth_check
+
+    robot_weights = extra.get("robot", {}).get("weights")
+    extra["groundtruth"] = groundtruth_check(setup, ctx.data.name, p.groundtruth,
+                                             robot_weights=robot_weights, log=ctx.log)
     metrics = summarise_search(setup, candidates, chosen, ctx.work_dir, teacher=teacher,
                                extra=extra)
     import torch
