@@ -34,6 +34,8 @@ class QuantEvaluation:
     max_rel_error: float
     accuracy: float | None = None
     fp32_accuracy: float | None = None
+    cosine_mean: float = 1.0  # per-sample cosine of int8 vs fp32 outputs (embedding models)
+    cosine_min: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,9 +71,14 @@ def compare_onnx_models(
         labels = np.asarray(labels)
         accuracy = float((candidate.argmax(-1) == labels).mean())
         fp32_accuracy = float((reference.argmax(-1) == labels).mean())
+    rows_c, rows_r = candidate.reshape(len(inputs), -1), reference.reshape(len(inputs), -1)
+    cosine = (rows_c * rows_r).sum(1) / np.maximum(
+        np.linalg.norm(rows_c, axis=1) * np.linalg.norm(rows_r, axis=1), 1e-30)
     return QuantEvaluation(
         samples=len(inputs),
         top1_agreement=float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
+        cosine_mean=float(cosine.mean()),
+        cosine_min=float(cosine.min()),
         max_abs_error=float(error.max()),
         mean_abs_error=float(error.mean()),
         max_rel_error=float(error.max()) / scale,
@@ -84,7 +91,7 @@ def quantization_report(
     fp32_path: str | os.PathLike,
     int8_path: str | os.PathLike,
     inputs: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     config: OrtQuantizeConfig,
     *,
     reduce_range: bool,
@@ -99,13 +106,15 @@ def quantization_report(
     scores = compare_onnx_models(fp32_path, int8_path, inputs, labels,
                                  batch_size=config.batch_size, int8_reference=not exact_here)
     summary, fp32_summary = graph_summary(int8_path), graph_summary(fp32_path)
-    assert scores.accuracy is not None and scores.fp32_accuracy is not None
+    labelled = scores.accuracy is not None and scores.fp32_accuracy is not None
     return {
         "split": config.split,
         "samples": scores.samples,
-        "accuracy": scores.accuracy,  # of the int8 file, run by onnxruntime
-        "fp32_accuracy": scores.fp32_accuracy,
-        "int8_accuracy_change": scores.accuracy - scores.fp32_accuracy,
+        **({"accuracy": scores.accuracy,  # of the int8 file, run by onnxruntime
+            "fp32_accuracy": scores.fp32_accuracy,
+            "int8_accuracy_change": scores.accuracy - scores.fp32_accuracy} if labelled else {}),
+        "cosine_mean": scores.cosine_mean,  # int8 vs fp32 outputs, per sample
+        "cosine_min": scores.cosine_min,
         "top1_agreement": scores.top1_agreement,
         "agreement": scores.top1_agreement,  # the report's agreement column
         "max_abs_logit_error": scores.max_abs_error,

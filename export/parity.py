@@ -20,7 +20,9 @@ class ParityResult:
     ``max_rel_diff`` is ``max_abs_diff`` divided by ``max |torch output|`` (a scale-free number
     that stays meaningful when single outputs are near zero). ``passed`` uses the same scale:
     ``max_abs_diff <= atol + rtol * max |torch output|``. ``top1_agreement`` is the fraction of
-    rows (all axes but the last) whose argmax over the last axis agrees.
+    rows (all axes but the last) whose argmax over the last axis agrees; ``cosine_min`` the
+    smallest cosine similarity between a row of ONNX Runtime's output and torch's (what matters
+    for embeddings, where an argmax means nothing).
     """
 
     max_abs_diff: float
@@ -30,6 +32,7 @@ class ParityResult:
     atol: float
     rtol: float
     num_samples: int
+    cosine_min: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +98,9 @@ def check_parity(
     rows_got = got.reshape(-1, got.shape[-1] if got.ndim >= 2 else 1)
     rows_exp = expected.reshape(rows_got.shape)
     top1 = float(np.mean(rows_got.argmax(axis=-1) == rows_exp.argmax(axis=-1))) if got.size else 1.0
+    norms = np.linalg.norm(rows_got, axis=-1) * np.linalg.norm(rows_exp, axis=-1)
+    cosines = np.sum(rows_got * rows_exp, axis=-1) / np.maximum(norms, 1e-30)
+    cosine_min = float(np.min(cosines)) if got.size else 1.0
     return ParityResult(
         max_abs_diff=max_abs,
         max_rel_diff=max_abs / scale if scale > 0 else max_abs,
@@ -104,6 +110,7 @@ def check_parity(
         atol=atol,
         rtol=rtol,
         num_samples=int(inputs.shape[0]) if inputs.ndim else 1,
+        cosine_min=cosine_min,
     )
 
 

@@ -168,6 +168,11 @@ class HFTextModel(nn.Module):
         self.model, self.task, self.pooling = model, task, pooling
         self.pad_token_id = pad_token_id
 
+    @property
+    def output_kind(self) -> str:
+        """``embedding`` for feature extraction (exports check int8 parity by cosine)."""
+        return "embedding" if self.task == "feature-extraction" else "logits"
+
     def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.pad_token_id is None:
             return torch.ones_like(input_ids)

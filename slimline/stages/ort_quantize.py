@@ -46,7 +46,8 @@ def ort_quantize_stage(ctx: StageContext, inputs: list[Artifact], p: OrtQuantize
     out = source.derive()
     out.files["onnx"] = path
     out.metrics = {
-        **quantization_report(fp32_path, path, x.numpy(), y.numpy(), p,
+        **quantization_report(fp32_path, path, x.numpy(),
+                              y.numpy() if ctx.data.task == "classification" else None, p,
                               reduce_range=reduce_range,
                               calibration_samples=0 if calibration is None else len(calibration)),
         "source_stage": producer,
