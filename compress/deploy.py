@@ -192,11 +192,9 @@ def _int8_diagnosis(path: Path, model: nn.Module, samples: torch.Tensor, exact_h
     from slimline.export.graph import graph_summary
     from slimline.export.int8numerics import explain_int8_mismatch
     from slimline.export.machine import machine_info
-    from slimline.export.onnx_export import onnx_inputs_of
+    from slimline.export.onnx_export import onnx_feeds
 
-    declared = [info.name for info in graph_summary(path).inputs]
-    tensors, names = onnx_inputs_of(model, samples)
-    feed = {name: t.numpy() for name, t in zip(names or declared, tensors) if name in declared}
+    feed = onnx_feeds(model, samples, [info.name for info in graph_summary(path).inputs])
     try:
         text = explain_int8_mismatch(path, feed, machine=machine_info())
     except Exception as exc:  # a diagnosis must never hide the parity failure itself

@@ -12,10 +12,10 @@ import numpy as np
 import onnxruntime as ort
 
 from .feeds import pad_id_of, sample_feeds
-from .graph import OnnxFileError, graph_summary, load_model
+from .graph import OnnxFileError, graph_summary
 from .ort_quant import OrtQuantizeConfig, first_error_line
 
-__all__ = ["QuantEvaluation", "compare_onnx_models", "quantization_report"]
+__all__ = ["QuantEvaluation", "compare_onnx_models", "quantization_report", "row_cosines"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ def compare_onnx_models(
     batch_size: int = 256,
     int8_reference: bool = False,
 ) -> QuantEvaluation:
-    """Run both classifiers (single-input, or token models fed ids) on ``inputs`` with onnxruntime and compare the logits.
+    """Run both models (single-input, or token models fed ids) on ``inputs`` with onnxruntime
+    and compare their outputs.
 
     Sessions use one thread: the numbers must not depend on the machine's load.
     ``int8_reference`` runs the int8 file without graph optimizations (its QDQ semantics, not
@@ -71,9 +72,7 @@ def compare_onnx_models(
         labels = np.asarray(labels)
         accuracy = float((candidate.argmax(-1) == labels).mean())
         fp32_accuracy = float((reference.argmax(-1) == labels).mean())
-    rows_c, rows_r = candidate.reshape(len(inputs), -1), reference.reshape(len(inputs), -1)
-    cosine = (rows_c * rows_r).sum(1) / np.maximum(
-        np.linalg.norm(rows_c, axis=1) * np.linalg.norm(rows_r, axis=1), 1e-30)
+    cosine = row_cosines(candidate.reshape(len(inputs), -1), reference.reshape(len(inputs), -1))
     return QuantEvaluation(
         samples=len(inputs),
         top1_agreement=float((candidate.argmax(-1) == reference.argmax(-1)).mean()),
@@ -142,11 +141,17 @@ def quantization_report(
     }
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (2-D arrays)."""
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.sum(a * b, axis=-1) / np.maximum(norms, 1e-30)
+
+
 def _predict(path: Path, inputs: np.ndarray, batch_size: int, optimize: bool = True
              ) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"ONNX file not found: {path}")
-    load_model(path)  # OnnxFileError with a clear message for a non-ONNX file
+    summary = graph_summary(path)  # OnnxFileError with a clear message for a non-ONNX file
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -158,11 +163,11 @@ def _predict(path: Path, inputs: np.ndarray, batch_size: int, optimize: bool = T
         )
     except Exception as exc:
         raise OnnxFileError(f"{path}: onnxruntime cannot load this model: {first_error_line(exc)}") from exc
-    signature = graph_summary(path).inputs
-    pad_id = pad_id_of(session.get_modelmeta().custom_metadata_map)
+    pad_id = pad_id_of(summary.metadata)
     data = np.asarray(inputs)
     outputs = [
-        session.run(None, sample_feeds(signature, data[start : start + batch_size], pad_id))[0]
+        session.run(None, sample_feeds(summary.inputs, data[start : start + batch_size],
+                                       pad_id))[0]
         for start in range(0, len(data), batch_size)
     ]
     return np.concatenate(outputs).astype(np.float64)

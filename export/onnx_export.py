@@ -32,6 +32,7 @@ __all__ = [
     "MIN_OPSET",
     "ExportError",
     "export_onnx",
+    "onnx_feeds",
     "onnx_inputs_of",
 ]
 
@@ -176,6 +177,15 @@ def onnx_inputs_of(
         tensors, names = method(x)
         return tuple(tensors), list(names)
     return (x,), None
+
+
+def onnx_feeds(model: nn.Module, x: torch.Tensor,
+               declared: Sequence[str]) -> dict[str, Any]:
+    """Numpy feeds for the ONNX inputs ``declared`` (the file's input names) of ``model(x)``.
+    The legacy exporter drops inputs the graph does not use, so only declared names are fed."""
+    tensors, names = onnx_inputs_of(model, x)
+    return {name: t.detach().cpu().numpy() for name, t in zip(names or declared, tensors)
+            if name in declared}
 
 
 # --- exporters -------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def ort_quantize(
         )
     feeds = None
     if mode == "static":
-        feeds = _calibration_feeds(source, summary.inputs, calibration)
+        feeds = _calibration_feeds(source, summary, calibration)
 
     from onnxruntime import quantization as q  # imported here: it is slow to import
 
@@ -240,10 +240,11 @@ def _check_arguments(
 
 def _calibration_feeds(
     source: Path,
-    inputs: Sequence[TensorInfo],
+    summary: GraphSummary,
     calibration: np.ndarray | Mapping[str, np.ndarray] | None,
 ) -> dict[str, np.ndarray]:
     """Validate calibration data against the model inputs: name, rank, fixed dims, dtype."""
+    inputs = summary.inputs
     if calibration is None:
         raise QuantizationError(
             f"{source}: static quantization needs calibration inputs (a few hundred real "
@@ -258,8 +259,7 @@ def _calibration_feeds(
             )
     else:
         try:  # one array: a single-input model, or token ids with derivable masks
-            feeds = sample_feeds(inputs, np.asarray(calibration),
-                                 pad_id_of({p.key: p.value for p in load_model(source).metadata_props}))
+            feeds = sample_feeds(inputs, np.asarray(calibration), pad_id_of(summary.metadata))
         except ValueError as exc:
             raise QuantizationError(f"{source}: {exc}") from None
     counts = set()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .onnx_export import _eval_mode, onnx_inputs_of
+from .onnx_export import _eval_mode, onnx_feeds, onnx_inputs_of
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,10 @@ def check_parity(
     session = ort.InferenceSession(
         str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
     )
-    tensors, names = onnx_inputs_of(model, inputs)
-    declared = [arg.name for arg in session.get_inputs()]
-    # The legacy exporter drops inputs the graph does not use: feed what the file declares.
-    feed = {name: t.detach().cpu().numpy() for name, t in zip(names or declared, tensors)
-            if name in declared}
+    from .int8_evaluation import row_cosines
+
+    tensors, _ = onnx_inputs_of(model, inputs)
+    feed = onnx_feeds(model, inputs, [arg.name for arg in session.get_inputs()])
     got = np.asarray(session.run(None, feed)[0], dtype=np.float64)
     with _eval_mode(model), torch.no_grad():
         expected = _first_tensor(model(*tensors)).detach().cpu().double().numpy()
@@ -98,9 +97,7 @@ def check_parity(
     rows_got = got.reshape(-1, got.shape[-1] if got.ndim >= 2 else 1)
     rows_exp = expected.reshape(rows_got.shape)
     top1 = float(np.mean(rows_got.argmax(axis=-1) == rows_exp.argmax(axis=-1))) if got.size else 1.0
-    norms = np.linalg.norm(rows_got, axis=-1) * np.linalg.norm(rows_exp, axis=-1)
-    cosines = np.sum(rows_got * rows_exp, axis=-1) / np.maximum(norms, 1e-30)
-    cosine_min = float(np.min(cosines)) if got.size else 1.0
+    cosine_min = float(row_cosines(rows_got, rows_exp).min()) if got.size else 1.0
     return ParityResult(
         max_abs_diff=max_abs,
         max_rel_diff=max_abs / scale if scale > 0 else max_abs,

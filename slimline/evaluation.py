@@ -29,10 +29,10 @@ def predict_onnx(path: str | Path, inputs: torch.Tensor, batch_size: int = 256, 
     ``optimize=False``: without graph optimizations, so an int8 file runs its QDQ graph as
     written instead of this CPU's fused integer kernels (for a file made for another CPU).
     ``model`` (the exported one) says how a batch becomes the file's named inputs, e.g.
-    ``input_ids`` + ``attention_mask`` (:func:`slimline.export.onnx_export.onnx_inputs_of`)."""
+    ``input_ids`` + ``attention_mask`` (:func:`slimline.export.onnx_export.onnx_feeds`)."""
     import onnxruntime as ort
 
-    from slimline.export.onnx_export import onnx_inputs_of
+    from slimline.export.onnx_export import onnx_feeds
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -42,10 +42,8 @@ def predict_onnx(path: str | Path, inputs: torch.Tensor, batch_size: int = 256, 
     declared = [arg.name for arg in session.get_inputs()]
 
     def feed(batch: torch.Tensor) -> dict[str, np.ndarray]:
-        if model is None:
-            return {declared[0]: batch.numpy()}
-        tensors, names = onnx_inputs_of(model, batch)
-        return {n: t.numpy() for n, t in zip(names or declared, tensors) if n in declared}
+        return (onnx_feeds(model, batch, declared) if model is not None
+                else {declared[0]: batch.numpy()})
 
     batches = [session.run(None, feed(inputs[i : i + batch_size]))[0]
                for i in range(0, len(inputs), batch_size)]

@@ -1,4 +1,5 @@
-"""Importable helpers for tests of the ``factory: package.module:function`` hooks."""
+"""Importable helpers shared by tests: targets of the ``factory: package.module:function`` hooks
+and a tiny search space."""
 
 from __future__ import annotations
 
@@ -44,3 +45,15 @@ class NoOnnxOp(nn.Module):
 
 def no_onnx_op(num_classes: int = 10) -> nn.Module:
     return NoOnnxOp(num_classes)
+
+
+# A two-stage CNN search space small enough to search in seconds (test_search_*.py).
+TINY_SPACE = {
+    "name": "tiny",
+    "input_shape": [1, 8, 8],
+    "num_classes": 10,
+    "stages": [
+        {"widths": [4, 8], "depths": [1], "kernels": [3], "stride": 1},
+        {"widths": [8, 16], "depths": [1, 2], "kernels": [3], "stride": 2},
+    ],
+}

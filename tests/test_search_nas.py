@@ -17,16 +17,7 @@ from slimline.search.nas import Candidate, Limits, arch_from_params, space_choic
 from slimline.search.pareto import pareto_front
 from slimline.search.space import SearchSpace
 from slimline.stages.search import NasParams
-
-TINY_SPACE = {
-    "name": "tiny",
-    "input_shape": [1, 8, 8],
-    "num_classes": 10,
-    "stages": [
-        {"widths": [4, 8], "depths": [1], "kernels": [3], "stride": 1},
-        {"widths": [8, 16], "depths": [1, 2], "kernels": [3], "stride": 2},
-    ],
-}
+from tests.factories import TINY_SPACE
 
 
 def test_pareto_front_by_hand():

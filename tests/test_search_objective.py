@@ -14,16 +14,7 @@ from slimline.runner import run
 from slimline.search.ensemble import DEFAULT_MEMBERS
 from slimline.search.space import SearchSpace
 from slimline.stages.search import NasParams
-
-TINY_SPACE = {
-    "name": "tiny",
-    "input_shape": [1, 8, 8],
-    "num_classes": 10,
-    "stages": [
-        {"widths": [4, 8], "depths": [1], "kernels": [3], "stride": 1},
-        {"widths": [8, 16], "depths": [1, 2], "kernels": [3], "stride": 2},
-    ],
-}
+from tests.factories import TINY_SPACE
 
 
 def test_default_objective_is_the_ensemble_and_its_members_are_computed():

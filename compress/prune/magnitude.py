@@ -31,6 +31,14 @@ PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GRU, nn.LSTM, n
 PRUNABLE_TYPE_NAMES = frozenset({"Conv1D"})
 
 
+def own_parameter_names(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> name`` as ``named_parameters()`` reports it. A weight tied to another
+    module's (GPT-2's lm_head is its token embedding) appears there under that module's name
+    only, so ``own_parameter_names(m).get(id(p)) != name`` marks a weight that belongs to (and
+    would be pruned or quantized with) another layer."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
 def _prunable_parameter(module: nn.Module, param_name: str) -> bool:
     """Weights of Linear/Conv/RNN layers and the fused q/k/v projection of torch's
     ``nn.MultiheadAttention`` (``in_proj_weight``; its ``out_proj`` is a Linear)."""
@@ -52,9 +60,7 @@ def prunable_weights(model: nn.Module, include: str | None = None,
     never pruned.
     """
     found: dict[str, nn.Parameter] = {}
-    # A weight tied to another (GPT-2's lm_head is its token embedding) has one canonical name
-    # in named_parameters(): the other module's; pruning it would prune that module too.
-    canonical = {id(p): n for n, p in model.named_parameters()}
+    canonical = own_parameter_names(model)  # tied weights are another layer's: left out
     for module_name, module in model.named_modules():
         for param_name, parameter in module.named_parameters(recurse=False):
             if not _prunable_parameter(module, param_name) or parameter.dim() < 2:

@@ -75,7 +75,9 @@ def quantizable_modules(model: nn.Module, skip: str | None = None) -> dict[str, 
     another module's (GPT-2's ``lm_head`` is its token embedding).
     """
     pattern = re.compile(skip) if skip else None
-    canonical = {id(p): n for n, p in model.named_parameters()}
+    from slimline.compress.prune.magnitude import own_parameter_names
+
+    canonical = own_parameter_names(model)
     bypassed = {f"{name}.out_proj" if name else "out_proj"
                 for name, module in model.named_modules()
                 if isinstance(module, nn.MultiheadAttention)}
