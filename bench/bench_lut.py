@@ -30,7 +30,8 @@ from bench.common import markdown_table, save
 from slimline.export import export_onnx
 from slimline.export.lut import interleaved_timings, load_block_sessions
 from slimline.export.lut_blocks import export_space_blocks
-from slimline.search.space import default_space, load_space
+from slimline.search.space import default_space
+from slimline.search.space_loading import load_space
 
 
 def main() -> None:

@@ -15,12 +15,13 @@ from .latency import BatchLatency, LatencyReport, compare_table, machine_info, p
 from .profile_cli import add_profile_arguments, main_profile
 
 if TYPE_CHECKING:
-    from .onnx_export import ExportError, export_onnx
+    from .export_errors import ExportError
+    from .onnx_export import export_onnx
     from .parity import ParityError, ParityResult, assert_parity, check_parity
 
 # name -> torch-based module that defines it, imported on first use
 _LAZY = {
-    "ExportError": ".onnx_export",
+    "ExportError": ".export_errors",
     "export_onnx": ".onnx_export",
     "ParityError": ".parity",
     "ParityResult": ".parity",

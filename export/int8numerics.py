@@ -43,6 +43,12 @@ __all__ = [
 # Requantization in fused kernels rounds once, the reference path twice (float, then Q): a level
 # or two of difference is expected; saturation and wrong kernels give tens of levels.
 DIVERGENCE_LEVELS = 3
+# Both sessions run the whole graph, so a layer's inputs already differ by those one-level
+# roundings, and deep layers sum them into a few values a little further off (MobileNetV2 on an
+# AVX-512 VNNI CPU: 2 of 65,536 values 4-5 levels off at its 18th activation, nothing upstream
+# beyond 3). Saturation and wrong kernels move a sizeable share of a tensor, so a tensor
+# diverges only when more than this share of its values is beyond DIVERGENCE_LEVELS.
+DIVERGENCE_FRACTION = 1e-3
 
 
 @dataclass(frozen=True)
@@ -186,7 +192,8 @@ def first_divergence(
     path: str | os.PathLike, feed: Mapping[str, np.ndarray]
 ) -> Divergence | None:
     """The first quantized activation (graph order) where onnxruntime's fused integer kernels
-    and the file's reference semantics differ by more than :data:`DIVERGENCE_LEVELS` levels;
+    and the file's reference semantics differ by more than :data:`DIVERGENCE_LEVELS` levels in
+    more than :data:`DIVERGENCE_FRACTION` of its values;
     ``None`` when every one agrees (or the file quantizes no activation)."""
     model = load_model(path)
     graph = model.graph
@@ -212,7 +219,8 @@ def first_divergence(
         name = node.output[0]
         diff = np.abs(fused[name].astype(np.int32) - reference[name].astype(np.int32))
         worst = int(diff.max(initial=0))
-        if worst > DIVERGENCE_LEVELS:
+        beyond = float((diff > DIVERGENCE_LEVELS).mean()) if diff.size else 0.0
+        if beyond > DIVERGENCE_FRACTION:
             source = _compute_producer(node, produced)
             return Divergence(
                 tensor=name,
@@ -220,7 +228,7 @@ def first_divergence(
                 producer_name=(source.name or source.output[0]) if source else "",
                 layer=_weight_of(source, produced) if source else "",
                 max_levels=worst,
-                fraction_off=float((diff > DIVERGENCE_LEVELS).mean()),
+                fraction_off=beyond,
                 checked=checked,
             )
     return None

@@ -27,7 +27,7 @@ def run_lut_command(
     """``profile lut`` for arguments parsed by :func:`slimline.export.profile_cli.add_profile_arguments`.
 
     ``load_space`` reads a search space file; the ``slimline`` CLI passes
-    :func:`slimline.search.space.load_space`. Without it (``python -m slimline.export`` on a
+    :func:`slimline.search.space_loading.load_space`. Without it (``python -m slimline.export`` on a
     device) only blocks folders are accepted: this package sits below the search code.
     """
     if len(args.models) != 2:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .onnx_export import _eval_mode, onnx_feeds, onnx_inputs_of
+from .export_errors import eval_mode
+from .onnx_export import onnx_feeds, onnx_inputs_of
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def check_parity(
     tensors, _ = onnx_inputs_of(model, inputs)
     feed = onnx_feeds(model, inputs, [arg.name for arg in session.get_inputs()])
     got = np.asarray(session.run(None, feed)[0], dtype=np.float64)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         expected = _first_tensor(model(*tensors)).detach().cpu().double().numpy()
     if got.shape != expected.shape:
         raise ParityError(

@@ -55,7 +55,7 @@ from slimline.search.groundtruth_data import (
     seed_to_seed,
     spearman,
 )
-from slimline.search.space import space_from_dict
+from slimline.search.space_loading import space_from_dict
 from slimline.training import TrainParams, fit
 
 __all__ = [

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from slimline.data import Dataset, load_dataset
 from slimline.io import read_json
-from slimline.search.space import space_from_dict
+from slimline.search.space_loading import space_from_dict
 from slimline.training import TrainParams
 
 __all__ = [

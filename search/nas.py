@@ -70,16 +70,19 @@ class Limits:
     max_latency_ms: float | None = None
     teacher_latency_ms: float | None = None  # what a relative latency limit was taken from
 
-    def violations(self, candidate: Candidate) -> list[float]:
-        """Optuna's constraint convention: one value per limit, feasible when all are <= 0
+    def named_violations(self, candidate: Candidate) -> dict[str, float]:
+        """Optuna's constraint convention: one value per limit set, feasible when all are <= 0
         (relative excess, so limits of different units weigh alike)."""
-        out = []
-        for limit, value in ((self.max_params, candidate.params),
-                             (self.max_flops, candidate.flops),
-                             (self.max_latency_ms, candidate.latency_ms)):
+        out = {}
+        for name, limit, value in (("max_params", self.max_params, candidate.params),
+                                   ("max_flops", self.max_flops, candidate.flops),
+                                   ("max_latency_ms", self.max_latency_ms, candidate.latency_ms)):
             if limit is not None:
-                out.append((value - limit) / limit if value is not None else math.inf)
+                out[name] = (value - limit) / limit if value is not None else math.inf
         return out
+
+    def violations(self, candidate: Candidate) -> list[float]:
+        return list(self.named_violations(candidate).values())
 
     def feasible(self, candidate: Candidate) -> bool:
         return all(v <= 0 for v in self.violations(candidate))
@@ -207,7 +210,10 @@ def study_objective(
         record = candidate.to_dict()
         for key in ("arch", "digest", "label", "params", "flops", "latency_ms", "scores"):
             trial.set_user_attr(key, record[key])
-        trial.set_user_attr("constraints", limits.violations(candidate))
+        violations = limits.named_violations(candidate)
+        trial.set_user_attr("constraints", list(violations.values()))
+        for name, value in violations.items():  # what NSGA-II and TPE rank feasibility by
+            trial.set_constraint(name, value)
         score = candidate.scores[accuracy_proxy]
         if math.isnan(score):  # a proxy that broke down (e.g. overflow) ranks last, not FAIL
             score = -math.inf
@@ -216,8 +222,3 @@ def study_objective(
         return score
 
     return objective
-
-
-def trial_constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
-    """``constraints_func`` for Optuna samplers (values stored by :func:`study_objective`)."""
-    return list(trial.user_attrs.get("constraints", []))

@@ -13,8 +13,10 @@ __all__ = ["summarise_search"]
 
 
 def summarise_search(setup: Any, candidates: list[Any], chosen: Any, work_dir: Path, *,
-                     teacher: Any = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the files and return the stage metrics (the report reads ``metrics['search']``)."""
+                     teacher: Any = None, example: Any = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the files and return the stage metrics (the report reads ``metrics['search']``);
+    ``teacher`` (a module, with one ``example`` input batch) adds its size for comparison."""
     from slimline.compress.prune.flops import count_flops, count_params
     from slimline.io import write_json, write_text
 
@@ -45,10 +47,9 @@ def summarise_search(setup: Any, candidates: list[Any], chosen: Any, work_dir: P
         "proxy_seconds_mean": _mean(r["seconds"] for r in rows),
         **(extra or {}),
     }
-    if teacher is not None:
-        example = teacher.example_input(1)
-        summary["teacher"] = {"params": count_params(teacher.model),
-                              "flops": int(count_flops(teacher.model, example).total)}
+    if teacher is not None and example is not None:
+        summary["teacher"] = {"params": count_params(teacher),
+                              "flops": int(count_flops(teacher, example).total)}
     write_json(work_dir / "search.json", {"summary": summary, "candidates": rows})
     write_text(work_dir / "search.md", _markdown(summary, rows, front, proxy) + "\n")
     if front:

@@ -1,8 +1,8 @@
-"""A declarative CNN search space over the ResNet-style ``resnet_flex`` family.
+"""The ``resnet_flex`` search space: the choices a ResNet-style CNN search may make, and the rules.
 
 A space is a stem plus stages; each stage chooses a width, a depth and a kernel size from its
-own lists and has a fixed stride. An :class:`Architecture` is one choice per stage. The space
-is data (YAML or a dict)::
+own lists and has a fixed stride. An :class:`~slimline.search.architecture.Architecture` is one
+choice per stage. The space is data (YAML or a dict)::
 
     name: digits-resnet
     input_shape: [1, 8, 8]        # C, H, W of one sample
@@ -16,142 +16,30 @@ their own shapes, so a latency lookup table measured once per distinct block
 (:meth:`SearchSpace.distinct_blocks`, ``slimline profile lut``) predicts any architecture.
 This module is torch-free except :meth:`SearchSpace.build_model` / :meth:`build_block`.
 
-Other families (``vit``, ``cnn1d``, ``gru``: :mod:`slimline.search.spaces_grid`; mixes of them:
-:mod:`slimline.search.spaces_union`) share the same duck-typed interface; :func:`space_from_dict` and
-:func:`load_space` pick the class from the ``family:`` key.
+The values it produces (architectures, blocks, digests) are in :mod:`slimline.search.architecture`.
+Other families (``vit``, ``cnn1d``, ``gru``: :mod:`slimline.search.grid_families`; mixes of them:
+:mod:`slimline.search.spaces_union`) share the same duck-typed interface;
+:func:`slimline.search.space_loading.space_from_dict` and
+:func:`~slimline.search.space_loading.load_space` pick the class from the ``family:`` key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
-import os
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from slimline.search.architecture import Architecture, BlockSpec, StageChoices, content_digest
 
 if TYPE_CHECKING:
     import torch.nn as nn
 
-__all__ = [
-    "Architecture",
-    "BlockSpec",
-    "SearchSpace",
-    "StageChoices",
-    "default_space",
-    "load_space",
-    "space_from_dict",
-]
+__all__ = ["FAMILY", "SearchSpace", "default_space"]
 
 FAMILY = "resnet_flex"
-
-
-def content_digest(data: Mapping[str, Any]) -> str:
-    """Stable 16-hex-digit hash of JSON-able ``data`` (same in every process and Python version):
-    the identity of spaces and architectures, and the key of every cache built on them."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class StageChoices:
-    widths: tuple[int, ...]
-    depths: tuple[int, ...]
-    kernels: tuple[int, ...] = (3,)
-    stride: int = 1
-    expansions: tuple[float, ...] = (1.0,)  # inner conv width / block width
-    skips: tuple[bool, ...] = (True,)  # residual connection on / off
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """One choice per stage. Equal architectures are equal, hash equally and share a digest.
-
-    ``expansions`` / ``skips`` are empty when every stage has the defaults (1.0, residual on),
-    so architectures of spaces without those choices keep the digests they always had.
-    """
-
-    widths: tuple[int, ...]
-    depths: tuple[int, ...]
-    kernels: tuple[int, ...]
-    expansions: tuple[float, ...] = ()
-    skips: tuple[bool, ...] = ()
-
-    def __post_init__(self) -> None:
-        if all(e == 1.0 for e in self.expansions):
-            object.__setattr__(self, "expansions", ())
-        if all(self.skips):
-            object.__setattr__(self, "skips", ())
-
-    def expansion(self, stage: int) -> float:
-        return self.expansions[stage] if self.expansions else 1.0
-
-    def skip(self, stage: int) -> bool:
-        return self.skips[stage] if self.skips else True
-
-    def to_dict(self) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {k: list(getattr(self, k))
-                                     for k in ("widths", "depths", "kernels")}
-        if self.expansions:
-            out["expansions"] = list(self.expansions)
-        if self.skips:
-            out["skips"] = list(self.skips)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Sequence[Any]]) -> Architecture:
-        return cls(*(tuple(int(v) for v in data[k]) for k in ("widths", "depths", "kernels")),
-                   tuple(float(v) for v in data.get("expansions", ())),
-                   tuple(bool(v) for v in data.get("skips", ())))
-
-    @property
-    def digest(self) -> str:
-        """Stable 16-hex-digit content hash (the same in every process and Python version)."""
-        return content_digest(self.to_dict())
-
-    def __str__(self) -> str:
-        return "-".join(
-            f"w{w}d{d}k{k}" + (f"e{self.expansion(i):g}" if self.expansion(i) != 1.0 else "")
-            + ("" if self.skip(i) else "n")
-            for i, (w, d, k) in enumerate(zip(self.widths, self.depths, self.kernels))
-        )
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """One latency-relevant part of a network, with its input shape (batch excluded)."""
-
-    kind: Literal["stem", "block", "head"]
-    in_channels: int
-    out_channels: int
-    kernel: int
-    stride: int
-    input_size: tuple[int, int]
-    expansion: float = 1.0
-    skip: bool = True
-
-    @property
-    def key(self) -> str:
-        """Lookup-table key, e.g. ``block:c16-32:k3:s2:r8x8`` (``:e2`` / ``:noskip`` appended
-        for a non-default expansion / no residual)."""
-        h, w = self.input_size
-        return (
-            f"{self.kind}:c{self.in_channels}-{self.out_channels}:k{self.kernel}:s{self.stride}"
-            f":r{h}x{w}" + (f":e{self.expansion:g}" if self.expansion != 1.0 else "")
-            + ("" if self.skip else ":noskip")
-        )
-
-    @property
-    def output_size(self) -> tuple[int, int]:
-        # Same padding (kernel // 2) with an odd kernel: ceil(size / stride) for any kernel.
-        return tuple(math.ceil(s / self.stride) for s in self.input_size)  # type: ignore[return-value]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"input_size": list(self.input_size), "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -421,42 +309,6 @@ class SearchSpace:
             return FlexHead(block.in_channels, block.out_channels)
         return FlexBlock(block.in_channels, block.out_channels, block.stride, block.kernel,
                          block.expansion, block.skip)
-
-
-def space_from_dict(data: Mapping[str, Any], *, source: str = "search space") -> Any:
-    """Build the space its ``family:`` key names (default ``resnet_flex``, so older YAML works).
-
-    Families: ``resnet_flex`` (:class:`SearchSpace`), ``vit``, ``cnn1d``, ``gru`` and ``union``
-    (several families in one space, :mod:`slimline.search.spaces_union`).
-    """
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__}")
-    family = data.get("family", FAMILY)
-    if family == FAMILY:
-        return SearchSpace.from_dict(data, source=source)
-    if family == "union":
-        from slimline.search.spaces_union import UnionSpace
-
-        return UnionSpace.from_dict(data, source=source)
-    from slimline.search.spaces_grid import grid_space_from_dict
-
-    return grid_space_from_dict(data, source=source)
-
-
-def load_space(path: str | os.PathLike) -> Any:
-    """Read a space of any family from YAML (or JSON); errors name the file and the key."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"search space file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a mapping with a family and its choices")
-    return space_from_dict(data, source=str(path))
 
 
 def default_space() -> SearchSpace:

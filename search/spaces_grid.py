@@ -1,5 +1,6 @@
-"""Search spaces for the zoo's other families: ViT (images), 1-D CNN and GRU (sequences).
-(:mod:`slimline.search.spaces_union` mixes families in one space.)
+"""The grid machinery every non-``resnet_flex`` family is built on (the families themselves:
+:mod:`slimline.search.grid_families`; :mod:`slimline.search.spaces_union` mixes families in one
+space).
 
 Each space is a grid of named choice lists, some global (a GRU's ``hidden_sizes``), some per stage
 (a 1-D CNN's ``stages[i].widths``). An architecture (:class:`GridArchitecture`) is one value per
@@ -28,19 +29,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from slimline.search.space import content_digest
+from slimline.search.architecture import content_digest
 
 if TYPE_CHECKING:
     import torch.nn as nn
 
-__all__ = [
-    "CNN1dSpace",
-    "GRUSpace",
-    "GridArchitecture",
-    "GridSpace",
-    "ViTSpace",
-    "grid_space_from_dict",
-]
+__all__ = ["Fail", "GridArchitecture", "GridSpace", "no_lookup_table"]
 
 # Enumerate the whole grid (exact size under constraints, distinct samples without retries)
 # when it is at most this large; bigger grids are sampled by rejection.
@@ -358,84 +352,3 @@ class GridSpace(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, size={self.size})"
-
-
-class ViTSpace(GridSpace):
-    """Zoo ``vit``: depth, embedding width, heads and MLP ratio; the patch size is fixed."""
-
-    family = "vit"
-    model_name = "vit"
-    input_rank = 3
-    fixed_keys: ClassVar[dict[str, Any]] = {"patch_size": 2}
-    choice_keys: ClassVar[dict[str, tuple[str, type]]] = {
-        "depths": ("depth", int),
-        "widths": ("width", int),
-        "heads": ("heads", int),
-        "mlp_ratios": ("mlp_ratio", float),
-    }
-
-    def _check(self, fail: Fail) -> None:
-        patch = self.fixed["patch_size"]
-        if not isinstance(patch, int) or patch < 1 or any(s % patch for s in self.input_shape[1:]):
-            raise fail("patch_size", f"must be a positive integer dividing the image size "
-                                     f"{list(self.input_shape[1:])}, got {patch!r}")
-        if self.size == 0:
-            raise fail("heads", "no width in 'widths' is divisible by any choice of heads")
-
-    def _constraint_error(self, arch: GridArchitecture) -> str | None:
-        if arch["width"] % arch["heads"]:
-            return f"width {arch['width']} is not divisible by heads {arch['heads']}"
-        return None
-
-    def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
-        return {"patch_size": self.fixed["patch_size"], "depth": arch["depth"],
-                "dim": arch["width"], "heads": arch["heads"], "mlp_ratio": arch["mlp_ratio"]}
-
-
-class CNN1dSpace(GridSpace):
-    """Zoo ``cnn1d``: per stage a width, a depth (blocks) and a kernel; stage 0 keeps the length,
-    every later stage halves it in its first block."""
-
-    family = "cnn1d"
-    model_name = "cnn1d"
-    stage_keys: ClassVar[dict[str, tuple[str, type]]] = {
-        "widths": ("widths", int),
-        "depths": ("depths", int),
-        "kernels": ("kernels", int),
-    }
-
-    def _check(self, fail: Fail) -> None:
-        for i, stage in enumerate(self.stages):
-            if any(k % 2 == 0 for k in stage["kernels"]):
-                raise fail(f"stages[{i}].kernels",
-                           f"kernels must be odd, got {list(stage['kernels'])}")
-
-    def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
-        return {"channels": list(arch["widths"]), "depths": list(arch["depths"]),
-                "kernel_size": list(arch["kernels"])}
-
-
-class GRUSpace(GridSpace):
-    """Zoo ``gru``: hidden size and number of stacked layers."""
-
-    family = "gru"
-    model_name = "gru"
-    choice_keys: ClassVar[dict[str, tuple[str, type]]] = {
-        "hidden_sizes": ("hidden_size", int),
-        "num_layers": ("num_layers", int),
-    }
-
-    def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
-        return {"hidden_size": arch["hidden_size"], "num_layers": arch["num_layers"]}
-
-
-GRID_FAMILIES: dict[str, type[GridSpace]] = {s.family: s for s in (ViTSpace, CNN1dSpace, GRUSpace)}
-
-
-def grid_space_from_dict(data: Mapping[str, Any], *, source: str = "search space") -> GridSpace:
-    """A :class:`GridSpace` by its ``family:`` key."""
-    family = data.get("family")
-    if family not in GRID_FAMILIES:
-        known = ", ".join(["resnet_flex", *GRID_FAMILIES, "union"])
-        raise ValueError(f"{source}: family: unknown family {family!r} (known: {known})")
-    return GRID_FAMILIES[family].from_dict(data, source=source)

@@ -16,7 +16,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from slimline.search.space import content_digest
+from slimline.search.architecture import content_digest
 from slimline.search.spaces_grid import Fail, no_lookup_table
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class UnionSpace:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "search space") -> UnionSpace:
-        from slimline.search.space import space_from_dict
+        from slimline.search.space_loading import space_from_dict
 
         fail = Fail(source)
         unknown = sorted(set(data) - {"family", "name", "spaces", "weights"})

@@ -21,35 +21,27 @@ suggests anything (no params, no compute, nothing for samplers to learn), and ev
 ignores it. A retry keeps its slot. An undecided lower trial counts as live, so the check can
 only under-admit, and the worker then asks again.
 
-**A killed worker.** With RDB storage its trial is failed by the heartbeat and retried by a
-live worker: a worker with nothing left to ask polls until the study is done, so the last
-survivor finishes a dead worker's share. Optuna 5.0's ``JournalStorage`` has *no heartbeat*
-(it does not implement ``BaseHeartbeat``), so a killed worker would leave a RUNNING trial
-forever. For the journal this module checks processes instead: each trial records its
-worker's ``hostname`` and ``pid``, and a RUNNING trial whose process on this host is gone is
-failed and retried the same way (under a file lock, so by one process). Trials of other hosts
-sharing a journal file cannot be checked: use PostgreSQL across machines.
+**A killed worker.** Its trial is failed and retried by a live worker (the heartbeat with RDB
+storage; a dead-process check with the journal, which has no heartbeat:
+:mod:`slimline.search.study_recovery`). A worker with nothing left to ask polls until the study
+is done, so the last survivor finishes a dead worker's share.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import fcntl
 import os
 import socket
 import time
 import uuid
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from slimline.search.study_recovery import can_detect_deaths, fail_dead_trials, taken_over
 from slimline.search.study_storage import StudyStorageError, journal_path, open_storage, redact
 
 __all__ = [
@@ -211,78 +203,9 @@ class _OverCap(optuna.TrialPruned):
     """Raised inside the objective wrapper when the just-asked trial lost the race for a slot."""
 
 
-def _max_retry(study: optuna.Study) -> int:
+def max_retry_of(study: optuna.Study) -> int:
+    """Re-runs allowed per logical trial, as the study records it (:func:`open_study`)."""
     return int(study.user_attrs.get(MAX_RETRY_ATTR, 0))
-
-
-def _heartbeat_enabled(study: optuna.Study) -> bool:
-    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-@contextlib.contextmanager
-def _journal_lock(study: optuna.Study) -> Iterator[bool]:
-    """An exclusive flock next to the journal file; yields False for non-journal storages."""
-    path = journal_path(study._storage)
-    if path is None:
-        yield False
-        return
-    with open(f"{path}.slimline-orphans.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Fail and retry trials whose worker died: heartbeat (RDB) or dead local process (journal).
-
-    Returns the numbers of the trials failed by this call (RDB: always empty, Optuna does not
-    report them). A journal trial is judged only once its current worker has registered itself
-    (user attr ``trial`` equals its number), so a just-popped retry still carrying its dead
-    predecessor's pid is left alone.
-    """
-    if _heartbeat_enabled(study):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        return []
-    failed: list[int] = []
-    host = socket.gethostname()
-    with _journal_lock(study) as is_journal:
-        if not is_journal:
-            return failed
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            retry = RetryHeartbeatStaleTrialCallback(_max_retry(study))
-        for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
-            attrs = trial.user_attrs
-            if attrs.get("trial") != trial.number or attrs.get("hostname") != host:
-                continue
-            if _pid_alive(int(attrs.get("pid", -1))):
-                continue
-            try:
-                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except UpdateFinishedTrialError:
-                continue
-            failed.append(trial.number)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                retry(study, trial)
-    return failed
 
 
 def run_worker(
@@ -311,10 +234,10 @@ def run_worker(
     host = socket.gethostname()
     summary = WorkerSummary(worker_id or f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     started = time.monotonic()
-    max_retry = _max_retry(study)
+    max_retry = max_retry_of(study)
 
     local_check = journal_path(study._storage) is not None
-    current: list[int] = []  # storage id of the trial being run, for _taken_over
+    current: list[int] = []  # storage id of the trial being run, for taken_over
 
     def guarded(trial: optuna.Trial) -> float | Sequence[float]:
         current.append(trial._trial_id)
@@ -364,39 +287,15 @@ def run_worker(
             try:
                 study.optimize(guarded, n_trials=1, catch=catch, callbacks=[record])
             except Exception:
-                if not _taken_over(study, current):
+                if not taken_over(study, current):
                     raise
                 summary.taken_over += 1
             continue
-        if not _can_detect_deaths(study, host):
+        if not can_detect_deaths(study, host):
             break
         time.sleep(poll)
     summary.elapsed_s = time.monotonic() - started
     return summary
-
-
-def _taken_over(study: optuna.Study, current: list[int]) -> bool:
-    """Whether optimize() failed because the heartbeat had already failed our trial.
-
-    Optuna then cannot tell the result (the trial is finished) and raises from inside
-    ``_run_trial``; the trial was re-queued and another worker runs it, which is not an error.
-    """
-    if not current:
-        return False
-    trial = study._storage.get_trial(current[0])
-    return trial.state == TrialState.FAIL and not (
-        trial.user_attrs.keys() & {ERROR_ATTR, OVER_CAP_ATTR}
-    )
-
-
-def _can_detect_deaths(study: optuna.Study, host: str) -> bool:
-    """Whether waiting here can end: every RUNNING trial is one whose worker's death we see."""
-    if _heartbeat_enabled(study):
-        return True
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return isinstance(study._storage, JournalStorage) and all(
-        t.user_attrs.get("hostname") == host for t in running
-    )
 
 
 def wait_for_study(study: optuna.Study, max_trials: int, *, timeout: float,
@@ -410,7 +309,7 @@ def wait_for_study(study: optuna.Study, max_trials: int, *, timeout: float,
     deadline = time.monotonic() + timeout
     while True:
         fail_dead_trials(study)
-        now = tally(study.get_trials(deepcopy=False), _max_retry(study))
+        now = tally(study.get_trials(deepcopy=False), max_retry_of(study))
         if len(now.complete) >= max_trials:
             return
         if time.monotonic() >= deadline:

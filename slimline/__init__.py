@@ -8,6 +8,7 @@ Python API (mirrors the CLI; see :mod:`slimline.api`)::
     slimline.prune(model, slimline.UnstructuredConfig(sparsity=0.5), data=data)
     slimline.quantize(model, slimline.RTNConfig(), data=data, target="auto")
     slimline.export_model(model, example, "model.onnx", slimline.ExportConfig(format="int8"))
+    found = slimline.nas(teacher, data, slimline.NasConfig(max_params=20_000))
 
 The methods live in ``slimline.compress`` (pruning, quantization), ``slimline.search``
 (architecture search, distillation) and ``slimline.export`` (ONNX export, latency profiling).
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from slimline.api import distill, export_model, prune, quantize, train, validate
+    from slimline.api import distill, export_model, nas, prune, quantize, train, validate
     from slimline.compress.deploy import ExportConfig
     from slimline.compress.prune.channels import ChannelConfig
     from slimline.compress.prune.magnitude import MagnitudeConfig
@@ -39,12 +40,13 @@ if TYPE_CHECKING:
     from slimline.recipe import RecipeError, load_recipe
     from slimline.runner import RunResult, run
     from slimline.search.distill import DistillConfig
+    from slimline.search.nas_config import NasConfig
     from slimline.training import TrainParams
 
 # public name -> module that defines it (imported on first attribute access; __all__ below
 # lists the same names)
 _LAZY = {
-    **dict.fromkeys(("validate", "prune", "quantize", "export_model", "distill", "train"),
+    **dict.fromkeys(("validate", "prune", "quantize", "export_model", "nas", "distill", "train"),
                     "slimline.api"),
     "RecipeError": "slimline.recipe",
     "load_recipe": "slimline.recipe",
@@ -66,6 +68,7 @@ _LAZY = {
     "ExportConfig": "slimline.compress.deploy",
     "OrtQuantizeConfig": "slimline.export.ort_quant",
     "DistillConfig": "slimline.search.distill",
+    "NasConfig": "slimline.search.nas_config",
     "TrainParams": "slimline.training",
 }
 
@@ -78,6 +81,7 @@ __all__ = [
     "ExportConfig",
     "MagnitudeConfig",
     "NMConfig",
+    "NasConfig",
     "NeuronMergingConfig",
     "OrtQuantizeConfig",
     "PDPConfig",
@@ -92,6 +96,7 @@ __all__ = [
     "distill",
     "export_model",
     "load_recipe",
+    "nas",
     "prune",
     "quantize",
     "run",

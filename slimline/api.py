@@ -8,7 +8,8 @@
     slimline.quantize(model, RTNConfig(), data=data, target="auto")              # int8 grids
     slimline.export_model(model, data.x_test[:2], "model.onnx", ExportConfig(format="int8"),
                           parity_inputs=data.x_test[:64])
-    slimline.distill(student, teacher, data, slimline.DistillConfig(loss="dist"))
+    found = slimline.nas(teacher, data, slimline.NasConfig(trials=40, max_params=20_000))
+    slimline.distill(found.model, teacher, data, slimline.DistillConfig(loss="dist"))
 
 Every call changes the model in place and returns what it did (masks, state, metrics). The
 recipe runner (:func:`run`, :func:`validate`) calls exactly these through thin stage adapters.
@@ -33,9 +34,11 @@ if TYPE_CHECKING:
     from slimline.export.target import Target
     from slimline.progress import Progress
     from slimline.search.distill import DistillConfig, DistillResult
+    from slimline.search.nas_config import NasConfig
+    from slimline.search.nas_search import NasResult
     from slimline.training import TrainParams
 
-__all__ = ["distill", "export_model", "prune", "quantize", "train", "validate"]
+__all__ = ["distill", "export_model", "nas", "prune", "quantize", "train", "validate"]
 
 
 def validate(recipe: str | Path | dict[str, Any] | Recipe) -> Plan:
@@ -111,6 +114,29 @@ def export_model(
     from slimline.compress.deploy import export_model as run
 
     return run(model, example_input, path, config, parity_inputs=parity_inputs, target=target)
+
+
+def nas(
+    teacher: nn.Module | None,
+    data: Dataset,
+    config: NasConfig | None = None,
+    *,
+    seed: int = 0,
+    work_dir: str | os.PathLike | None = None,
+    study_name: str = "slimline-nas",
+    progress: ProgressFactory | None = None,
+) -> NasResult:
+    """Search ``config.space`` for a student architecture, training-free and latency-aware
+    (NSGA-II/TPE/random over an Optuna study, or RoBoT over a pool; the default objective is a
+    rank ensemble of zero-cost proxies fitted on a few short trainings). Returns the chosen
+    student freshly initialised, every candidate and the report files (``search.json``,
+    ``search.md``, ``pareto.png`` in ``work_dir``, default a new temporary folder). Named so
+    because :mod:`slimline.search` is the search package; see
+    :func:`slimline.search.nas_search.search_architecture`."""
+    from slimline.search.nas_search import search_architecture
+
+    return search_architecture(teacher, data, config, seed=seed, work_dir=work_dir,
+                               study_name=study_name, progress=progress)
 
 
 def distill(

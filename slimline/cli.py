@@ -206,7 +206,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from slimline.export.profile_cli import run_profile_command
 
     def load_space(path: object) -> object:  # search sits above export: handed down
-        from slimline.search.space import load_space
+        from slimline.search.space_loading import load_space
 
         return load_space(path)
 

@@ -35,8 +35,9 @@ def run_search_worker(recipe_path: str | os.PathLike, *, stage_id: str | None = 
     from slimline.dag import build_plan
     from slimline.recipe import load_recipe
     from slimline.runner import load_recipe_data, run
+    from slimline.search.nas_search import prepare_search
     from slimline.search.study import completed_trials, open_study, run_worker
-    from slimline.stages.search import prepare_search, study_name
+    from slimline.stages.search import study_name
 
     recipe = load_recipe(recipe_path)
     plan = build_plan(recipe)
@@ -67,7 +68,8 @@ def run_search_worker(recipe_path: str | os.PathLike, *, stage_id: str | None = 
         teacher = upstream.artifact(stage.spec.needs[0])
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="slimline-worker-") as tmp:
-        setup = prepare_search(params, load_recipe_data(recipe), teacher, seed=recipe.seed,
+        setup = prepare_search(params, load_recipe_data(recipe),
+                               teacher.model if teacher is not None else None, seed=recipe.seed,
                                work_dir=Path(tmp))
         # Same proxies and data as the stage, but a sampler seed of its own: identical seeds
         # in every worker would propose identical architectures.

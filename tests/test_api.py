@@ -4,6 +4,7 @@ the recipe stages (so the two cannot drift)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from slimline.data import load_dataset
 from slimline.inputs import InputSpec
 from slimline.io import sha256_text
 from slimline.models import build_model
+from slimline.search.nas_search import SearchFailed
 from slimline.stage import get_stage
+from tests.factories import TINY_SPACE
 
 STAGE_CONFIGS = {
     "prune.magnitude": "MagnitudeConfig",
@@ -32,6 +35,7 @@ STAGE_CONFIGS = {
     "export.onnx": "ExportConfig",
     "export.ort_quantize": "OrtQuantizeConfig",
     "train": "TrainParams",
+    "search.nas": "NasConfig",
 }
 
 
@@ -121,3 +125,26 @@ def test_the_api_and_the_stage_compute_the_same_thing(tmp_path, tiny_recipe, dig
         assert torch.equal(mask, staged.masks[name]), name
     assert direct.metrics["distortion"] == pytest.approx(
         result.record("prune").metrics["distortion"], rel=1e-6)
+
+
+def test_nas_through_the_api_finds_what_the_stage_finds(tmp_path, tiny_recipe, digits):
+    search = {"space": TINY_SPACE, "strategy": "tpe", "trials": 5, "latency": "none",
+              "accuracy_proxy": "naswot", "proxies": ["naswot", "params"], "max_params": 6000}
+    tiny_recipe["stages"] = [tiny_recipe["stages"][0],
+                             {"id": "search", "uses": "search.nas", "needs": ["train"],
+                              "with": search}]
+    result = slimline.run(tiny_recipe, run_dir=tmp_path / "run", progress=False)
+    teacher = result.artifact("train").model
+    stage_seed = int(sha256_text(f"{tiny_recipe['seed']}:search")[:8], 16)
+    found = slimline.nas(teacher, digits, slimline.NasConfig(**search), seed=stage_seed,
+                         work_dir=tmp_path / "api")
+    staged = result.record("search").metrics["search"]
+    assert found.metrics["search"]["chosen"]["digest"] == staged["chosen"]["digest"]
+    assert [c.digest for c in found.candidates] == [r["digest"] for r in json.loads(
+        (result.record("search").directory / "search.json").read_text())["candidates"]]
+    assert sum(t.numel() for t in found.model.parameters()) == found.metrics["search"][
+        "chosen"]["params"] <= 6000
+    assert found.files["search_md"].is_file() and found.work_dir == tmp_path / "api"
+    with pytest.raises(SearchFailed, match="none of the 2 evaluated architectures meets"):
+        slimline.nas(None, digits, slimline.NasConfig(**{**search, "trials": 2,
+                                                         "max_params": 10}))

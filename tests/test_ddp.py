@@ -21,6 +21,7 @@ import slimline
 from slimline.artifact import Artifact
 from slimline.data import load_dataset
 from slimline.models import build_model
+from tests.gloo_spawn import spawn_gloo
 
 
 def _train_both(rank: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -50,20 +51,16 @@ def _train_both(rank: int) -> dict[str, dict[str, torch.Tensor]]:
     return results
 
 
-def _worker(rank: int, world_size: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        results = _train_both(rank)
-        if rank == 0:  # only rank 0 writes
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out: str) -> None:
+    results = _train_both(rank)
+    if rank == 0:  # only rank 0 writes
+        torch.save(results, out)
 
 
 def test_two_processes_match_one(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    spawn_gloo(_worker, str(tmp_path / "store"), str(out))
     distributed = torch.load(out, weights_only=True)
     single = _train_both(0)
     for name in ("pdp", "qat"):

@@ -284,25 +284,18 @@ def _distill_hint(rank: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in loss.trainee.state_dict().items()}
 
 
-def _ddp_worker(rank: int, store: str, out: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        state = _distill_hint(rank)
-        torch.save(state, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, out: str) -> None:
+    torch.save(_distill_hint(rank), f"{out}.{rank}")
 
 
 @pytest.mark.slow
 def test_two_processes_distill_like_one(tmp_path: Path) -> None:
     """Hint + KD are per-sample means, so two shards with summed, size-weighted gradients follow
     the one-process run; the regressor is all-reduced like the student (ranks identical)."""
-    import torch.multiprocessing as mp
+    from tests.gloo_spawn import spawn_gloo
 
     out = str(tmp_path / "state")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), out), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, str(tmp_path / "store"), out)
     ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     single = _distill_hint()
     assert any(key.startswith("adapters.regressor") for key in single)

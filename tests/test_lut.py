@@ -19,7 +19,9 @@ from slimline.export import main_profile
 from slimline.export.lut import LatencyTable, LutEntry, LutError, interleaved_timings
 from slimline.export.lut_blocks import export_block
 from slimline.models import build_model
-from slimline.search.space import Architecture, SearchSpace, load_space
+from slimline.search.architecture import Architecture
+from slimline.search.space import SearchSpace
+from slimline.search.space_loading import load_space
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = {

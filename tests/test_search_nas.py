@@ -14,9 +14,9 @@ import pytest
 from slimline.params import ParamError, parse_params
 from slimline.runner import run
 from slimline.search.nas import Candidate, Limits, arch_from_params, space_choices
+from slimline.search.nas_config import NasConfig
 from slimline.search.pareto import pareto_front
 from slimline.search.space import SearchSpace
-from slimline.stages.search import NasParams
 from tests.factories import TINY_SPACE
 
 
@@ -52,10 +52,10 @@ def test_choices_round_trip_every_architecture():
 
 def test_params_are_checked():
     with pytest.raises(ParamError, match="max_latency_ms"):
-        parse_params(NasParams, {"latency": "none", "max_latency_ms": 1.0})
+        parse_params(NasConfig, {"latency": "none", "max_latency_ms": 1.0})
     with pytest.raises(ParamError, match="query_budget"):
-        parse_params(NasParams, {"strategy": "robot", "query_budget": 20, "pool_size": 10})
-    p = parse_params(NasParams, {"accuracy_proxy": "snip", "proxies": ["naswot"]})
+        parse_params(NasConfig, {"strategy": "robot", "query_budget": 20, "pool_size": 10})
+    p = parse_params(NasConfig, {"accuracy_proxy": "snip", "proxies": ["naswot"]})
     assert p.proxies == ["naswot", "snip"]
 
 

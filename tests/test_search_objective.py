@@ -12,20 +12,20 @@ from slimline.compress.prune.flops import count_params
 from slimline.params import ParamError, parse_params
 from slimline.runner import run
 from slimline.search.ensemble import DEFAULT_MEMBERS
+from slimline.search.nas_config import NasConfig
 from slimline.search.space import SearchSpace
-from slimline.stages.search import NasParams
 from tests.factories import TINY_SPACE
 
 
 def test_default_objective_is_the_ensemble_and_its_members_are_computed():
-    p = parse_params(NasParams, {})
+    p = parse_params(NasConfig, {})
     assert p.accuracy_proxy == "ensemble"
     assert set(DEFAULT_MEMBERS) <= set(p.proxies) and "ensemble" not in p.proxies
     with pytest.raises(ParamError, match="ensemble_queries"):
-        parse_params(NasParams, {"ensemble_queries": 9, "ensemble_pool": 8})
+        parse_params(NasConfig, {"ensemble_queries": 9, "ensemble_pool": 8})
     with pytest.raises(ParamError, match="ensemble_members.*'snp'"):
-        parse_params(NasParams, {"ensemble_members": ["params", "snp"]})
-    single = parse_params(NasParams, {"accuracy_proxy": "naswot", "proxies": ["params"]})
+        parse_params(NasConfig, {"ensemble_members": ["params", "snp"]})
+    single = parse_params(NasConfig, {"accuracy_proxy": "naswot", "proxies": ["params"]})
     assert single.proxies == ["params", "naswot"]
 
 

@@ -9,8 +9,11 @@ import torch.nn as nn
 
 from slimline.compress.prune.flops import count_params
 from slimline.models import build_model
-from slimline.search.space import Architecture, SearchSpace, load_space, space_from_dict
-from slimline.search.spaces_grid import CNN1dSpace, GridArchitecture, GRUSpace, ViTSpace
+from slimline.search.architecture import Architecture
+from slimline.search.grid_families import CNN1dSpace, GRUSpace, ViTSpace
+from slimline.search.space import SearchSpace
+from slimline.search.space_loading import load_space, space_from_dict
+from slimline.search.spaces_grid import GridArchitecture
 from slimline.search.spaces_union import UnionSpace
 
 VIT = {
@@ -201,7 +204,8 @@ EXPANDING = {
 def test_expansion_and_skip_are_choices_of_the_cnn_space():
     import torch
 
-    from slimline.search.space import Architecture, SearchSpace
+    from slimline.search.architecture import Architecture
+    from slimline.search.space import SearchSpace
 
     space = SearchSpace.from_dict(EXPANDING)
     assert space.size == 2 * 2 * 2 * 2

@@ -25,6 +25,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.trial import FrozenTrial, TrialState
 
 import slimline.search.study as study_mod
+import slimline.search.study_recovery as study_recovery
 from slimline.search.study import (
     ERROR_ATTR,
     OVER_CAP_ATTR,
@@ -317,10 +318,10 @@ def test_worker_killed_mid_trial_on_the_journal_is_retried_by_the_survivor(tmp_p
 
 def test_zombie_process_counts_as_dead() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    assert study_mod._pid_alive(child.pid)
+    assert study_recovery._pid_alive(child.pid)
     child.kill()
     deadline = time.monotonic() + 10
-    while study_mod._pid_alive(child.pid) and time.monotonic() < deadline:  # until a zombie
+    while study_recovery._pid_alive(child.pid) and time.monotonic() < deadline:  # until a zombie
         time.sleep(0.01)
-    assert not study_mod._pid_alive(child.pid)
+    assert not study_recovery._pid_alive(child.pid)
     child.wait()
