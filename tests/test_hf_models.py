@@ -194,12 +194,52 @@ def test_qat_on_bert_classifier_trains_and_exports_int8(tmp_path):
     assert exported.metrics["top1_agreement"] >= 0.98
 
 
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_qkr_on_hf_attention_is_the_same_fp32_function(name):
+    """OFQ's merged W_qᵀW_k form, through transformers' own attention call (padding mask
+    included for BERT), with an identity quantizer: the model's outputs do not change."""
+    from functools import partial
+
+    from slimline.compress.quant.qat.qkr import attention_layout, hf_qkr_forward
+
+    model, spec = build(name)
+    x = spec.random(3)
+    if name == "bert":
+        x[0, -5:] = TOKENS.pad_id  # padded positions: the mask must reach the QKR logits
+    with torch.no_grad():
+        expected = model(x)
+    rewritten = 0
+    for module in model.modules():
+        layout = attention_layout(module)
+        if layout is not None:
+            module.forward = partial(hf_qkr_forward, module, layout, lambda m: m, None)
+            rewritten += 1
+    assert rewritten == 2
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_qat_with_qkr_trains_a_bert_classifier_and_exports(tmp_path):
+    model = bert("sequence-classification", num_labels=4)
+    data = dataset(TOKENS, classes=4)
+    config = QATConfig(weight_bits=4, activation_bits=8, epochs=2, batch_size=32, skip=None,
+                       calibration_samples=32, qkr=True, cga=True, cga_epochs=1)
+    result = quantize(model, config, data=data, example_input=data.x_train[:1],
+                      input_spec=TOKENS)
+    assert result.metrics["method"].endswith("+qkr")
+    queries = [n for n, m in model.named_modules() if n.endswith("attention.self.query")]
+    assert queries and all(f"{q}.weight" not in result.state.weights for q in queries)
+    exported = export_model(model, data.x_train[:1], tmp_path / "qkr.onnx",
+                            ExportConfig(format="int8"), parity_inputs=data.x_test)
+    assert exported.metrics["top1_agreement"] >= 0.98
+
+
 def test_qat_refuses_what_it_cannot_do_on_hf_models():
     data = dataset(TOKENS, classes=4)
-    with pytest.raises(MethodError, match="qkr.*qkr: false"):
-        quantize(bert("sequence-classification", num_labels=4),
-                 QATConfig(qkr=True, activation_bits=8, epochs=1), data=data, input_spec=TOKENS)
     model, _ = build("gpt2")
+    with pytest.raises(MethodError, match="qkr.*fused qkv.*qkr: false"):
+        quantize(model, QATConfig(qkr=True, activation_bits=8, epochs=1), data=data,
+                 input_spec=TOKENS)
     with pytest.raises(MethodError, match=r"\(batch, classes\) logits.*language model"):
         quantize(model, QATConfig(activation_bits=8, epochs=1, batch_size=32), data=data,
                  input_spec=TOKENS)

@@ -57,6 +57,16 @@ def test_text_model_recipe_runs_every_stage(tmp_path: Path):
     int8_eval = result.record("eval_int8_onnx").metrics
     assert int8_eval["cosine_mean"] > 0.9  # int8 of the pruned model vs the pruned model
 
+    from transformers import AutoModel
+
+    saved = result.artifact("export_hf").files["hf"]
+    reloaded = AutoModel.from_pretrained(saved, local_files_only=True)
+    assert result.record("export_hf").metrics["hf_max_abs_diff"] <= 1e-5
+    weights = [p for n, p in reloaded.named_parameters() if n.endswith("dense.weight")
+               and "pooler" not in n]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros > 0.3  # the pruned weights themselves, not the dense ones, were saved
+
     dynamic = result.record("ort_dynamic").metrics
     assert dynamic["mode"] == "dynamic" and dynamic["top1_agreement"] is not None
     profile = result.record("profile_int8").metrics

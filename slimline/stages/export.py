@@ -1,12 +1,16 @@
 """``export.onnx``: fp32 or int8 QDQ ONNX, checked against PyTorch on test-split samples: a thin
 adapter over :func:`slimline.compress.deploy.export_model` (see there for what is checked and
-how a file made for another CPU than this one is verified)."""
+how a file made for another CPU than this one is verified). ``export.hf``: a transformers model
+written back as a ``from_pretrained`` checkpoint (:mod:`slimline.models.hf_save`)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from slimline.artifact import Artifact
 from slimline.compress.deploy import ExportConfig, export_model
 from slimline.compress.methods import MethodError
+from slimline.params import param
 from slimline.stage import StageContext, register_stage
 
 
@@ -37,4 +41,45 @@ def export_onnx_stage(ctx: StageContext, inputs: list[Artifact], p: ExportConfig
         raise ctx.fail(str(exc)) from None
     out.files["onnx"] = result.path
     out.metrics = result.metrics
+    return out
+
+
+@dataclass
+class HFExportParams:
+    directory: str = param("hf", help="folder (inside the stage folder) save_pretrained writes")
+    check_samples: int = param(8, help="test-split inputs the reloaded checkpoint is compared on")
+    atol: float = param(1e-5, help="largest output difference the reloaded checkpoint may show")
+    pad: bool = param(True, help="a model no config describes (heads removed, per-layer FFN "
+                      "widths) is written in the original shapes with those heads/channels as "
+                      "zeros (same function, not smaller); false: refuse")
+
+
+@register_stage("export.hf", HFExportParams)
+def export_hf_stage(ctx: StageContext, inputs: list[Artifact], p: HFExportParams) -> Artifact:
+    """Write a transformers model back as a checkpoint ``from_pretrained`` loads (dense,
+    unstructured/N:M-pruned, or FFN-pruned to one width; with the source's tokenizer files),
+    reloaded and compared before the stage ends; see :mod:`slimline.models.hf_save`."""
+    from slimline.models.hf import resolve_hf_path
+    from slimline.models.hf_save import HFSaveError, save_hf_pretrained
+
+    out = inputs[0].derive()
+    if out.state.get("quantization") is not None:
+        raise ctx.fail("the model is quantized: a transformers checkpoint stores float weights; "
+                       "export the int8 model with export.onnx (format: int8), or put export.hf "
+                       "before the quantization stage")
+    source = out.model_spec.get("hf")
+    x_test, _ = ctx.data.split("test")
+    try:
+        result = save_hf_pretrained(
+            out.model, ctx.work_dir / p.directory,
+            tokenizer_from=resolve_hf_path(source) if source else None,
+            check_inputs=x_test[: p.check_samples], atol=p.atol, pad=p.pad)
+    except HFSaveError as exc:
+        raise ctx.fail(str(exc)) from None
+    out.files["hf"] = ctx.work_dir / p.directory
+    result["zero_padded"] = len(result["zero_padded"])  # weights, not their names, in the report
+    if result["zero_padded"]:
+        ctx.log(f"no transformers config describes this model: {result['zero_padded']} weights "
+                "written zero-padded to the original shapes (same function, not smaller)")
+    out.metrics = {"hf_" + k: v for k, v in result.items()}
     return out

@@ -20,7 +20,12 @@ from slimline.compress.quant.qat.cga import FrozenWeights, confident_mask
 from slimline.compress.quant.qat.config import QATConfig
 from slimline.compress.quant.qat.lsq import LSQQuantizer
 from slimline.compress.quant.qat.oscillation import OscillationTracker
-from slimline.compress.quant.qat.qkr import merged_query_key, qkr_attention
+from slimline.compress.quant.qat.qkr import (
+    attention_layout,
+    hf_qkr_forward,
+    merged_query_key,
+    qkr_attention,
+)
 from slimline.compress.quant.qat.statsq import StatsQQuantizer, statsq_scale, statsq_spec
 from slimline.compress.quant.rtn import quantizable_modules
 from slimline.compress.quant.spec import QuantSpec
@@ -63,17 +68,17 @@ class QATController:
         self.tracker = OscillationTracker(config.oscillation_momentum, config.oscillation_threshold)
         self.frozen = FrozenWeights()
         self.attentions = {
-            name: m
-            for name, m in model.named_modules()
-            if config.qkr and hasattr(m, "num_heads") and hasattr(m, "q")
+            name: m for name, m in model.named_modules()
+            if config.qkr and attention_layout(m) is not None
         }
+        self.layouts = {name: attention_layout(m) for name, m in self.attentions.items()}
         if config.qkr and not self.attentions:
             raise ValueError(
-                "qkr: no attention block of the layout QKR knows (slimline's ViT Attention with "
-                "q/k/v/proj Linears and num_heads) in "
-                f"{type(model).__name__}; Hugging Face and torch attention are not "
-                "reparameterised yet: set qkr: false")
-        qk = {f"{a}.{p}" for a in self.attentions for p in ("q", "k")}
+                "qkr: no attention block of a layout QKR knows (slimline's ViT Attention, "
+                "BERT-style SelfAttention, q_proj/k_proj/v_proj/o_proj self-attention) in "
+                f"{type(model).__name__}; torch's MultiheadAttention, fused qkv (GPT-2), "
+                "rotary and cross-attention have no merged query-key form here: set qkr: false")
+        qk = {f"{a}.{getattr(self.layouts[a], p)}" for a in self.attentions for p in ("q", "k")}
         # MultiheadAttention's out_proj (bypassed by its forward) and tied weights stay float.
         usable = quantizable_modules(model)
         self.layers = {
@@ -111,16 +116,16 @@ class QATController:
             module.input_quantizer = LSQQuantizer(self.config.activation_bits, per_row=False)
             self._handles.append(module.register_forward_pre_hook(_QuantizeInput()))
         for name, attention in self.attentions.items():
+            layout = self.layouts[name]
             self.qk_quantizers[name] = StatsQQuantizer(self.config.weight_bits)
-            quantize_input = (
-                attention.v.input_quantizer if hasattr(attention.v, "input_quantizer") else None
-            )
-            attention.forward = partial(
-                qkr_attention,
-                attention,
-                quantize_merged=self.qk_quantizers[name],
-                quantize_input=quantize_input,
-            )
+            quantize_input = getattr(getattr(attention, layout.v), "input_quantizer", None)
+            if layout.returns_weights:
+                attention.forward = partial(hf_qkr_forward, attention, layout,
+                                            self.qk_quantizers[name], quantize_input)
+            else:
+                attention.forward = partial(qkr_attention, attention,
+                                            quantize_merged=self.qk_quantizers[name],
+                                            quantize_input=quantize_input, layout=layout)
         with torch.no_grad():
             self.model(calibration)
 
@@ -140,7 +145,7 @@ class QATController:
         for name, (quantizer, weight, _) in self._quantized_weights().items():
             self.tracker.update(name, quantizer.integer_levels(weight))
         for name, attention in self.attentions.items():
-            merged = merged_query_key(attention)
+            merged = merged_query_key(attention, self.layouts[name])
             levels = torch.stack([self.qk_quantizers[name].integer_levels(m) for m in merged])
             self.tracker.update(f"{name}.qk_merged", levels)
         if self.annealing:
@@ -170,7 +175,7 @@ class QATController:
             mask = confident_mask(_position(quantizer, weight), self.config.boundary_range)
             self.frozen.freeze(name, parameter, mask)
         for name, attention in self.attentions.items():
-            for part in ("q", "k"):
+            for part in (self.layouts[name].q, self.layouts[name].k):
                 weight = getattr(attention, part).weight
                 self.frozen.freeze(
                     f"{name}.{part}.weight", weight, torch.ones_like(weight, dtype=torch.bool)
@@ -221,9 +226,10 @@ class QATController:
             handle.remove()
         for name, attention in self.attentions.items():
             del attention.forward
-            v_point = TensorPoint(f"{name}.v", "input").key
+            layout = self.layouts[name]
+            v_point = TensorPoint(f"{name}.{layout.v}", "input").key
             if v_point in activations:
-                for part in ("q", "k"):
+                for part in (layout.q, layout.k):
                     activations[TensorPoint(f"{name}.{part}", "input").key] = activations[v_point]
         state = QuantState(
             weights=weights,

@@ -1,0 +1,214 @@
+"""Write a (pruned) Hugging Face model back as a checkpoint that ``from_pretrained`` loads.
+
+A transformers config describes every layer alike: one head count (and ``head_dim = hidden /
+heads``), one FFN width. So a model whose FFN layers were all pruned to the same width is
+described by a new ``intermediate_size`` (``n_inner`` for GPT-2, ...) and is written smaller,
+while a model with heads removed, or with different widths per layer, has no config that builds
+it: it is written in the original shapes with the removed heads and channels as zeros (the same
+function; ``pad=False`` refuses instead, naming the layer). A pruned normalised width
+(``prune_embedding``) can be neither, and is refused. GPT-2's ``Conv1D`` layers,
+which slimline turns into ``nn.Linear`` for pruning, are stored back in their own layout. Every
+checkpoint written is reloaded and compared with the model before the call returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimline.io import atomic_dir
+
+__all__ = ["HFSaveError", "TOKENIZER_FILES", "save_hf_pretrained"]
+
+# config fields that hold the FFN width, by the families that use them
+FFN_WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+                   "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
+
+
+class HFSaveError(ValueError):
+    """The model cannot be written as a transformers checkpoint (the message says why)."""
+
+
+def _fresh(model: nn.Module, config: Any) -> nn.Module:
+    """The class's own module tree for ``config``, on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return type(model)(config)
+
+
+def _conv1d_names(fresh: nn.Module) -> set[str]:
+    return {name for name, m in fresh.named_modules() if type(m).__name__ == "Conv1D"}
+
+
+def _shapes(model: nn.Module, conv1d: set[str]) -> dict[str, tuple[int, ...]]:
+    """Parameter and buffer shapes in the class's own layout (Conv1D weights ``(in, out)``)."""
+    linear = _linearised(model, conv1d)
+    return {key: tuple(value.shape)[::-1] if key in linear else tuple(value.shape)
+            for key, value in model.state_dict().items()}
+
+
+def _linearised(model: nn.Module, conv1d: set[str]) -> set[str]:
+    """Weights of the modules the class has as Conv1D and ``model`` as nn.Linear."""
+    return {f"{name}.weight" for name, m in model.named_modules()
+            if name in conv1d and isinstance(m, nn.Linear)}
+
+
+def _mismatches(ours: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]]
+                ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Keys both have whose shapes differ (keys only one has, e.g. a dropped pooler, are not
+    shape questions: from_pretrained initialises or ignores them and says so)."""
+    return {k: (ours[k], theirs[k]) for k in ours.keys() & theirs.keys() if ours[k] != theirs[k]}
+
+
+def _config_for(model: nn.Module, conv1d: set[str]) -> Any:
+    """A config that builds ``model``'s shapes, or HFSaveError naming what no config can say."""
+    config = copy.deepcopy(model.config)
+    ours = _shapes(model, conv1d)
+    differ = _mismatches(ours, _shapes(_fresh(model, config), conv1d))
+    if not differ:
+        return config
+    heads = sorted({name for name, m in model.named_modules()
+                    if getattr(m, "num_attention_heads", None) not in
+                    (None, getattr(config, "num_attention_heads", None))})
+    if heads:
+        raise HFSaveError(
+            f"attention heads were removed ({heads[0]} has "
+            f"{model.get_submodule(heads[0]).num_attention_heads} of "
+            f"{config.num_attention_heads}): a transformers config has one head count for "
+            "every layer and derives the head size from it, so no config builds this model "
+            "(prune with prune_heads: false for a smaller checkpoint).")
+    widths = {n for (mine, full) in differ.values() for n, f in zip(mine, full) if n != f}
+    for field in (f for f in FFN_WIDTH_FIELDS if hasattr(config, f)):
+        if len(widths) != 1:
+            break
+        trial = copy.deepcopy(config)
+        setattr(trial, field, next(iter(widths)))
+        if not _mismatches(ours, _shapes(_fresh(model, trial), conv1d)):
+            return trial
+    key, (mine, full) = sorted(differ.items())[0]
+    raise HFSaveError(
+        f"{len(differ)} weights have shapes no {type(config).__name__} builds (e.g. {key}: "
+        f"{list(mine)}, the config gives {list(full)}; widths seen {sorted(widths)}): only a "
+        "model whose FFN layers all keep the same width can be described by one config "
+        "(prune with allocation: uniform for a smaller checkpoint).")
+
+
+def _state_dict(model: nn.Module, conv1d: set[str],
+                pad_to: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """The class-layout state dict; tensors named in ``pad_to`` are zero-padded to that shape
+    (kept values in the leading slice)."""
+    linear = _linearised(model, conv1d)
+    state = {}
+    for key, value in model.state_dict().items():
+        value = (value.t() if key in linear else value).detach()
+        if pad_to and key in pad_to:
+            padded = value.new_zeros(pad_to[key])
+            padded[tuple(slice(0, n) for n in value.shape)] = value
+            value = padded
+        state[key] = value.contiguous().clone()
+    return state
+
+
+def _padding(model: nn.Module, conv1d: set[str], refusal: HFSaveError
+             ) -> dict[str, tuple[int, ...]]:
+    """Shapes that zero-padding restores to the original config, or ``refusal`` (extended)
+    when padding would change the function.
+
+    Appending zero rows to a projection and zero columns to its reader leaves every output
+    unchanged: a zero FFN channel is act(0) = 0 for GELU/ReLU/SiLU, and a zero head has zero
+    values (its uniform attention averages zeros). A normalised width (LayerNorm, the
+    embeddings: ``prune_embedding``) is different: its statistics would include the zeros."""
+    ours = _shapes(model, conv1d)
+    target = _shapes(_fresh(model, model.config), conv1d)
+    differ = _mismatches(ours, target)
+    for key, (mine, full) in sorted(differ.items()):
+        module = model.get_submodule(key.rpartition(".")[0])
+        normalised = isinstance(module, (nn.LayerNorm, nn.Embedding)) or "Norm" in type(
+            module).__name__
+        if normalised or len(mine) != len(full) or any(a > b for a, b in zip(mine, full)):
+            raise HFSaveError(f"{refusal} Nor can it be zero-padded back to the original "
+                              f"shapes: {key} ({type(module).__name__}, {list(mine)} of "
+                              f"{list(full)}) is a normalised width") from None
+    return {key: full for key, (_, full) in differ.items()}
+
+
+def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, *,
+                       tokenizer_from: str | os.PathLike | None = None,
+                       check_inputs: torch.Tensor | None = None, atol: float = 1e-5,
+                       pad: bool = True) -> dict[str, Any]:
+    """Write the transformers model inside ``model`` (a slimline ``HFTextModel`` /
+    ``HFVisionModel`` wrapper, or the transformers model itself) to ``directory`` with
+    ``save_pretrained`` (safetensors), plus the tokenizer files found in ``tokenizer_from``;
+    reload it with ``from_pretrained`` and compare outputs on ``check_inputs`` (token ids or
+    pixel values for the wrapper). Returns what changed in the config, what was zero-padded and
+    the check's ``max_abs_diff``.
+
+    A model no config describes (heads removed, FFN widths that differ per layer) is, with
+    ``pad``, written in the original config's shapes with the removed heads and channels as
+    zeros: the same function, loadable anywhere, but not smaller (the ONNX export is). Raises
+    :class:`HFSaveError` when neither works."""
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "save_pretrained") or not hasattr(inner, "config"):
+        raise HFSaveError(f"{type(model).__name__} is not a transformers model (no "
+                          "save_pretrained/config): export it with export.onnx instead")
+    conv1d = _conv1d_names(_fresh(inner, inner.config))
+    pad_to: dict[str, tuple[int, ...]] = {}
+    try:
+        config = _config_for(inner, conv1d)
+    except HFSaveError as refusal:
+        if not pad:
+            raise
+        pad_to = _padding(inner, conv1d, refusal)
+        config = copy.deepcopy(inner.config)
+    changed = {f: getattr(config, f) for f in FFN_WIDTH_FIELDS
+               if hasattr(config, f) and getattr(config, f) != getattr(inner.config, f)}
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
+        # real tensors: what the model lacks (a dropped pooler) is written as initialised
+        shell = type(inner)(config)
+        missing = [k for k in shell.state_dict() if k not in inner.state_dict()]
+        shell.load_state_dict(_state_dict(inner, conv1d, pad_to), strict=False)
+        shell.save_pretrained(tmp, safe_serialization=True)
+        copied = []
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_from) / name).is_file():
+                    shutil.copy2(Path(tokenizer_from) / name, Path(tmp) / name)
+                    copied.append(name)
+        result: dict[str, Any] = {"config_changes": changed, "tokenizer_files": copied,
+                                  "freshly_initialised": missing, "zero_padded": sorted(pad_to)}
+        if check_inputs is not None:
+            result["max_abs_diff"] = _reload_diff(model, inner, Path(tmp), check_inputs)
+            if result["max_abs_diff"] > atol:
+                raise HFSaveError(f"the reloaded checkpoint differs from the model by "
+                                  f"{result['max_abs_diff']:.3g} (> {atol}); nothing was written")
+    return result
+
+
+def _reload_diff(model: nn.Module, inner: nn.Module, path: Path, x: torch.Tensor) -> float:
+    """Largest output difference between ``model`` and the same wrapper around the reloaded
+    checkpoint (Conv1D layers linearised again, as slimline built the original)."""
+    from slimline.models.hf import linearize_conv1d
+
+    reloaded = type(inner).from_pretrained(path, local_files_only=True).eval()
+    linearize_conv1d(reloaded)
+    if getattr(inner, "pooler", "absent") is None:
+        reloaded.pooler = None
+    twin = copy.copy(model)
+    if twin is not inner:
+        twin._modules = dict(model._modules)
+        twin._modules["model"] = reloaded
+    else:
+        twin = reloaded
+    with torch.no_grad():
+        a, b = model.eval()(x), twin.eval()(x)
+    if hasattr(a, "last_hidden_state"):
+        a, b = a.last_hidden_state, b.last_hidden_state
+    return float((a - b).abs().max())
