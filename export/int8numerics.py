@@ -46,9 +46,11 @@ DIVERGENCE_LEVELS = 3
 # Both sessions run the whole graph, so a layer's inputs already differ by those one-level
 # roundings, and deep layers sum them into a few values a little further off (MobileNetV2 on an
 # AVX-512 VNNI CPU: 2 of 65,536 values 4-5 levels off at its 18th activation, nothing upstream
-# beyond 3). Saturation and wrong kernels move a sizeable share of a tensor, so a tensor
-# diverges only when more than this share of its values is beyond DIVERGENCE_LEVELS.
+# beyond 3). Wrong kernels move a sizeable share of a tensor, and saturation moves values by
+# tens of levels, so a tensor diverges when more than DIVERGENCE_FRACTION of its values is
+# beyond DIVERGENCE_LEVELS, or any value is beyond SATURATION_LEVELS (even a single one).
 DIVERGENCE_FRACTION = 1e-3
+SATURATION_LEVELS = 12
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,8 @@ def first_divergence(
 ) -> Divergence | None:
     """The first quantized activation (graph order) where onnxruntime's fused integer kernels
     and the file's reference semantics differ by more than :data:`DIVERGENCE_LEVELS` levels in
-    more than :data:`DIVERGENCE_FRACTION` of its values;
+    more than :data:`DIVERGENCE_FRACTION` of its values, or by more than
+    :data:`SATURATION_LEVELS` anywhere;
     ``None`` when every one agrees (or the file quantizes no activation)."""
     model = load_model(path)
     graph = model.graph
@@ -220,7 +223,7 @@ def first_divergence(
         diff = np.abs(fused[name].astype(np.int32) - reference[name].astype(np.int32))
         worst = int(diff.max(initial=0))
         beyond = float((diff > DIVERGENCE_LEVELS).mean()) if diff.size else 0.0
-        if beyond > DIVERGENCE_FRACTION:
+        if beyond > DIVERGENCE_FRACTION or worst > SATURATION_LEVELS:
             source = _compute_producer(node, produced)
             return Divergence(
                 tensor=name,

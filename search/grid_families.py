@@ -1,4 +1,5 @@
-"""The concrete grid families of the model zoo: ``vit`` (images), ``cnn1d`` and ``gru`` (sequences).
+"""The concrete grid families of the model zoo: ``vit`` (images), ``cnn1d``, ``gru`` and
+``seqformer`` (sequences).
 
 Each family is only a table of choice keys, its cross-choice rules and the mapping onto its zoo
 builder's arguments; the parsing, sampling and validation they share live in
@@ -13,7 +14,7 @@ from typing import Any, ClassVar
 
 from slimline.search.spaces_grid import Fail, GridArchitecture, GridSpace
 
-__all__ = ["CNN1dSpace", "GRUSpace", "ViTSpace", "grid_space_from_dict"]
+__all__ = ["CNN1dSpace", "GRUSpace", "SeqformerSpace", "ViTSpace", "grid_space_from_dict"]
 
 
 class ViTSpace(GridSpace):
@@ -85,7 +86,35 @@ class GRUSpace(GridSpace):
         return {"hidden_size": arch["hidden_size"], "num_layers": arch["num_layers"]}
 
 
-GRID_FAMILIES: dict[str, type[GridSpace]] = {s.family: s for s in (ViTSpace, CNN1dSpace, GRUSpace)}
+class SeqformerSpace(GridSpace):
+    """Zoo ``seqformer`` (torch ``nn.TransformerEncoder`` over time steps): depth, width, heads
+    and MLP ratio."""
+
+    family = "seqformer"
+    model_name = "seqformer"
+    choice_keys: ClassVar[dict[str, tuple[str, type]]] = {
+        "depths": ("depth", int),
+        "widths": ("width", int),
+        "heads": ("heads", int),
+        "mlp_ratios": ("mlp_ratio", float),
+    }
+
+    def _check(self, fail: Fail) -> None:
+        if self.size == 0:
+            raise fail("heads", "no width in 'widths' is divisible by any choice of heads")
+
+    def _constraint_error(self, arch: GridArchitecture) -> str | None:
+        if arch["width"] % arch["heads"]:
+            return f"width {arch['width']} is not divisible by heads {arch['heads']}"
+        return None
+
+    def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
+        return {"depth": arch["depth"], "dim": arch["width"], "heads": arch["heads"],
+                "mlp_ratio": arch["mlp_ratio"]}
+
+
+GRID_FAMILIES: dict[str, type[GridSpace]] = {
+    s.family: s for s in (ViTSpace, CNN1dSpace, GRUSpace, SeqformerSpace)}
 
 
 def grid_space_from_dict(data: Mapping[str, Any], *, source: str = "search space") -> GridSpace:

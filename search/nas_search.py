@@ -13,7 +13,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,7 @@ def search_architecture(
     *,
     seed: int = 0,
     work_dir: str | Path | None = None,
-    study_name: str = "slimline-nas",
+    study_name: str | None = None,
     worker_id: str = "main",
     log: Callable[[str], None] = _log.info,
     progress: ProgressFactory | None = None,
@@ -163,18 +163,40 @@ def search_architecture(
     ``teacher`` feeds the DisWOT proxies, ``max_latency_ratio`` and the report (``None`` is
     allowed when neither is used). ``work_dir`` receives ``search.json``, ``search.md``,
     ``pareto.png``, the latency table and the study journal (default: a new temporary folder,
-    kept and named in the result). With ``config.storage`` set to a shared URL, processes
-    calling this with the same ``study_name`` share one study. Raises :class:`SearchFailed` when
+    kept and named in the result). ``study_name`` defaults to one derived from the config and
+    the seed, so a reused ``work_dir`` or storage never resumes a study of another config; with
+    ``config.storage`` set to a shared URL, processes calling this with the same config, seed
+    (or ``study_name``) share one study. The teacher's train/eval mode and the global random
+    state are left as they were. Raises :class:`SearchFailed` when
     no evaluated architecture meets the limits, :class:`slimline.params.ParamError` when the
     config cannot apply to this space or model.
     """
+    p = config or NasConfig()
+    progress = progress or no_progress
+    if study_name is None:
+        from slimline.io import canonical_json, sha256_text
+
+        study_name = "slimline-nas-" + sha256_text(canonical_json(
+            {"config": asdict(p), "seed": seed}))[:12]
+    training = teacher.training if teacher is not None else False
+    try:
+        with torch.random.fork_rng():
+            return _search(p, teacher, data, seed=seed, work_dir=work_dir,
+                           study_name=study_name, worker_id=worker_id, log=log,
+                           progress=progress)
+    finally:
+        if teacher is not None:
+            teacher.train(training)
+
+
+def _search(p: NasConfig, teacher: nn.Module | None, data: Any, *, seed: int,
+            work_dir: str | Path | None, study_name: str, worker_id: str,
+            log: Callable[[str], None], progress: ProgressFactory) -> NasResult:
     import optuna
 
     from slimline.search.nas_groundtruth import groundtruth_check
     from slimline.search.report import summarise_search
 
-    p = config or NasConfig()
-    progress = progress or no_progress
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="slimline-nas-"))
     work.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says enough

@@ -123,7 +123,7 @@ def nas(
     *,
     seed: int = 0,
     work_dir: str | os.PathLike | None = None,
-    study_name: str = "slimline-nas",
+    study_name: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> NasResult:
     """Search ``config.space`` for a student architecture, training-free and latency-aware

@@ -288,3 +288,26 @@ def test_onnxruntime_baseline_quantizes_a_token_model(mode, tmp_path):
     (out,) = session.run(None, {"input_ids": ids[32:].numpy(),
                                 "attention_mask": (ids[32:] != 0).long().numpy()})
     assert np.abs(out - padded.numpy()).max() < 1e-4
+
+
+def test_qkr_refuses_attention_that_matches_a_layout_but_computes_more():
+    """ALBERT's attention has BERT's q/k/v names but applies its output projection, residual
+    and LayerNorm inside: the merged form would silently change it, so QKR refuses by name."""
+    import transformers
+
+    from slimline.compress.quant.qat.qkr import attention_layout, verify_qkr
+    from slimline.models.hf import HFTextModel
+
+    config = transformers.AlbertConfig(vocab_size=200, embedding_size=16, hidden_size=32,
+                                       num_hidden_layers=1, num_attention_heads=4,
+                                       intermediate_size=64)
+    model = HFTextModel(transformers.AlbertModel(config).eval(), "feature-extraction")
+    attentions = {n: m for n, m in model.named_modules() if attention_layout(m) is not None}
+    assert attentions  # the names match BERT's layout...
+    with pytest.raises(ValueError, match="AlbertAttention.*does not compute plain softmax"):
+        verify_qkr(model, attentions, {n: attention_layout(m) for n, m in attentions.items()},
+                   TOKENS.random(2))
+    bert_model, spec = build("bert")  # ...while BERT's own attention passes the same check
+    found = {n: m for n, m in bert_model.named_modules() if attention_layout(m) is not None}
+    verify_qkr(bert_model, found, {n: attention_layout(m) for n, m in found.items()},
+               spec.random(2))

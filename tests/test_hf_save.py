@@ -116,3 +116,37 @@ def test_a_reload_that_differs_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(HFSaveError, match="differs from the model by 0.5.*nothing was written"):
         save_hf_pretrained(model, tmp_path / "hf", check_inputs=spec.random(2))
     assert not (tmp_path / "hf").exists() and not list(tmp_path.iterdir())
+
+
+def test_weights_the_wrapper_dropped_come_from_the_source_checkpoint(tmp_path):
+    """slimline's embedding wrapper drops BERT's (unused) pooler; the written checkpoint takes
+    it from the checkpoint the model came from, not from a fresh initialisation."""
+    import transformers
+
+    from slimline.models.hf import build_hf_model
+    from tests.hf_models import BERT
+
+    config = transformers.BertConfig(**{k: v for k, v in BERT.items() if k != "model_type"})
+    source = transformers.BertModel(config)  # with its pooler
+    source.save_pretrained(tmp_path / "source")
+    model = build_hf_model({"hf": str(tmp_path / "source")})
+    assert model.model.pooler is None
+    result = save_hf_pretrained(model, tmp_path / "hf", source=tmp_path / "source")
+    assert result["from_source"] == ["pooler.dense.bias", "pooler.dense.weight"]
+    assert result["freshly_initialised"] == []
+    from transformers import BertModel
+
+    ours = BertModel.from_pretrained(tmp_path / "hf", local_files_only=True).pooler.dense.weight
+    assert torch.equal(ours, source.pooler.dense.weight)
+
+
+def test_a_plain_transformers_classifier_saves_and_is_checked_without_given_inputs(tmp_path):
+    import transformers
+
+    from tests.hf_models import BERT
+
+    config = transformers.BertConfig(**{k: v for k, v in BERT.items() if k != "model_type"},
+                                     num_labels=3)
+    model = transformers.BertForSequenceClassification(config).eval()
+    result = save_hf_pretrained(model, tmp_path / "hf")  # random token ids check it
+    assert result["max_abs_diff"] == 0.0 and result["config_changes"] == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import torch.nn as nn
 
 from slimline.compress.prune.flops import count_params
@@ -245,3 +246,27 @@ def test_a_block_without_skip_has_no_residual_path():
         torch.nn.init.zeros_(block.conv2.weight)  # the residual branch outputs BN's bias: 0
         torch.testing.assert_close(block(x), expected)
         assert block.conv1.out_channels == 2
+
+
+def test_seqformer_space_builds_torch_transformers_the_attention_proxies_read():
+    from slimline.search.grid_families import SeqformerSpace
+    from slimline.search.proxies import ProxyInputs, score_architecture
+
+    space = space_from_dict({"family": "seqformer", "name": "s", "input_shape": [1, 40],
+                             "num_classes": 10, "depths": [1, 2], "widths": [12, 16],
+                             "heads": [3, 4], "mlp_ratios": [2.0]})
+    assert isinstance(space, SeqformerSpace)
+    assert space.size == 2 * 3  # (12, 3), (12, 4), (16, 4) x 2 depths
+    arch = GridArchitecture.make("seqformer", {"depth": 2, "width": 12, "heads": 3,
+                                               "mlp_ratio": 2.0})
+    model = space.build_model(arch)
+    layers = model.encoder.layers
+    assert len(layers) == 2 and layers[0].self_attn.num_heads == 3
+    assert layers[0].linear1.out_features == 24
+    x = torch.randn(8, 1, 40)
+    assert model(x).shape == (8, 10)
+    scores = score_architecture(lambda: space.build_model(arch),
+                                ["attention_confidence", "synaptic_diversity", "params"],
+                                ProxyInputs(x, torch.arange(8) % 10, num_classes=10))
+    assert all(torch.isfinite(torch.tensor(v)) for v in scores.values())
+    assert scores["params"] == sum(p.numel() for p in model.parameters())

@@ -36,4 +36,13 @@ def describe_models() -> list[tuple[str, str]]:
 
 
 # Importing the family modules registers their builders.
-from slimline.models import cnn1d, flexnet, gru, mlp, mobilenetv2, resnet, vit  # noqa: E402,F401
+from slimline.models import (  # noqa: E402,F401
+    cnn1d,
+    flexnet,
+    gru,
+    mlp,
+    mobilenetv2,
+    resnet,
+    seqformer,
+    vit,
+)

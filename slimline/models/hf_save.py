@@ -28,6 +28,8 @@ __all__ = ["HFSaveError", "TOKENIZER_FILES", "save_hf_pretrained"]
 
 # config fields that hold the FFN width, by the families that use them
 FFN_WIDTH_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim")
+# projections that hold q, k and v in one weight (padding cannot append heads to them)
+FUSED_QKV = ("c_attn", "query_key_value", "Wqkv", "qkv", "in_proj")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
                    "sentencepiece.bpe.model", "spiece.model", "tokenizer.model")
@@ -129,25 +131,32 @@ def _padding(model: nn.Module, conv1d: set[str], refusal: HFSaveError
     target = _shapes(_fresh(model, model.config), conv1d)
     differ = _mismatches(ours, target)
     for key, (mine, full) in sorted(differ.items()):
-        module = model.get_submodule(key.rpartition(".")[0])
-        normalised = isinstance(module, (nn.LayerNorm, nn.Embedding)) or "Norm" in type(
-            module).__name__
-        if normalised or len(mine) != len(full) or any(a > b for a, b in zip(mine, full)):
+        name = key.rpartition(".")[0]
+        module = model.get_submodule(name)
+        why = None
+        if isinstance(module, nn.LayerNorm | nn.Embedding) or "Norm" in type(module).__name__:
+            why = "is a normalised width (zeros would enter its statistics)"
+        elif name.rpartition(".")[2] in FUSED_QKV:
+            why = "is a fused q/k/v projection (zeros appended at its end would land in v)"
+        elif len(mine) != len(full) or any(a > b for a, b in zip(mine, full)):
+            why = "is larger than or shaped unlike the original"
+        if why:
             raise HFSaveError(f"{refusal} Nor can it be zero-padded back to the original "
                               f"shapes: {key} ({type(module).__name__}, {list(mine)} of "
-                              f"{list(full)}) is a normalised width") from None
+                              f"{list(full)}) {why}") from None
     return {key: full for key, (_, full) in differ.items()}
 
 
 def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, *,
-                       tokenizer_from: str | os.PathLike | None = None,
+                       source: str | os.PathLike | None = None,
                        check_inputs: torch.Tensor | None = None, atol: float = 1e-5,
                        pad: bool = True) -> dict[str, Any]:
     """Write the transformers model inside ``model`` (a slimline ``HFTextModel`` /
     ``HFVisionModel`` wrapper, or the transformers model itself) to ``directory`` with
-    ``save_pretrained`` (safetensors), plus the tokenizer files found in ``tokenizer_from``;
-    reload it with ``from_pretrained`` and compare outputs on ``check_inputs`` (token ids or
-    pixel values for the wrapper). Returns what changed in the config, what was zero-padded and
+    ``save_pretrained`` (safetensors); reload it with ``from_pretrained`` and compare outputs on
+    ``check_inputs`` (token ids or pixel values; default: random ones of the config's vocabulary
+    or image size). ``source``, the checkpoint directory the model was loaded from, gives the
+    tokenizer files to copy and the weights slimline's wrapper dropped (BERT's pooler). Returns what changed in the config, what was zero-padded and
     the check's ``max_abs_diff``.
 
     A model no config describes (heads removed, FFN widths that differ per layer) is, with
@@ -170,26 +179,75 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, *,
     changed = {f: getattr(config, f) for f in FFN_WIDTH_FIELDS
                if hasattr(config, f) and getattr(config, f) != getattr(inner.config, f)}
     directory = Path(directory)
+    state = _state_dict(inner, conv1d, pad_to)
     with atomic_dir(directory) as tmp:
-        # real tensors: what the model lacks (a dropped pooler) is written as initialised
-        shell = type(inner)(config)
-        missing = [k for k in shell.state_dict() if k not in inner.state_dict()]
-        shell.load_state_dict(_state_dict(inner, conv1d, pad_to), strict=False)
+        shell = type(inner)(config)  # real tensors, so whatever the model lacks is written
+        missing = [k for k in shell.state_dict() if k not in state]
+        from_source = _source_weights(source, missing)
+        unexpected = shell.load_state_dict({**state, **from_source}, strict=False).unexpected_keys
+        if unexpected:
+            raise HFSaveError(f"{len(unexpected)} weights of the model have no place in "
+                              f"{type(inner).__name__} (e.g. {unexpected[0]}): a module was "
+                              "replaced or wrapped; nothing was written")
         shell.save_pretrained(tmp, safe_serialization=True)
         copied = []
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).is_file():
-                    shutil.copy2(Path(tokenizer_from) / name, Path(tmp) / name)
-                    copied.append(name)
-        result: dict[str, Any] = {"config_changes": changed, "tokenizer_files": copied,
-                                  "freshly_initialised": missing, "zero_padded": sorted(pad_to)}
-        if check_inputs is not None:
-            result["max_abs_diff"] = _reload_diff(model, inner, Path(tmp), check_inputs)
-            if result["max_abs_diff"] > atol:
-                raise HFSaveError(f"the reloaded checkpoint differs from the model by "
-                                  f"{result['max_abs_diff']:.3g} (> {atol}); nothing was written")
+        for name in TOKENIZER_FILES if source is not None else ():
+            if (Path(source) / name).is_file():
+                shutil.copy2(Path(source) / name, Path(tmp) / name)
+                copied.append(name)
+        result: dict[str, Any] = {
+            "config_changes": changed, "tokenizer_files": copied, "zero_padded": sorted(pad_to),
+            "from_source": sorted(from_source),
+            "freshly_initialised": [k for k in missing if k not in from_source]}
+        x = check_inputs if check_inputs is not None else _default_inputs(model, inner)
+        result["max_abs_diff"] = _reload_diff(model, inner, Path(tmp), x)
+        if result["max_abs_diff"] > atol:
+            raise HFSaveError(f"the reloaded checkpoint differs from the model by "
+                              f"{result['max_abs_diff']:.3g} (> {atol}); nothing was written")
     return result
+
+
+def _source_weights(source: str | os.PathLike | None, keys: list[str]) -> dict[str, torch.Tensor]:
+    """``keys`` as stored in the source checkpoint (exact name, or under a base-model prefix
+    such as ``bert.``); what is not there stays initialised."""
+    if source is None or not keys:
+        return {}
+    path = Path(source)
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        stored = load_file(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").is_file():
+        stored = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        return {}
+    found = {}
+    for key in keys:
+        match = [k for k in stored if k == key or k.endswith("." + key)]
+        if match:
+            found[key] = stored[match[0]]
+    return found
+
+
+def _default_inputs(model: nn.Module, inner: nn.Module) -> torch.Tensor:
+    """Two random inputs the model takes: token ids of its vocabulary, or images."""
+    config = inner.config
+    generator = torch.Generator().manual_seed(0)
+    if getattr(config, "vocab_size", None):
+        return torch.randint(min(5, config.vocab_size - 1), config.vocab_size, (2, 16),
+                             generator=generator)
+    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    return torch.randn(2, config.num_channels, size, size, generator=generator)
+
+
+def _tensor(output: Any) -> torch.Tensor:
+    """The comparable tensor of a model output (a wrapper's tensor, or a ModelOutput's)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("logits", "last_hidden_state"):
+        if getattr(output, name, None) is not None:
+            return getattr(output, name)
+    return output[0]
 
 
 def _reload_diff(model: nn.Module, inner: nn.Module, path: Path, x: torch.Tensor) -> float:
@@ -207,8 +265,8 @@ def _reload_diff(model: nn.Module, inner: nn.Module, path: Path, x: torch.Tensor
         twin._modules["model"] = reloaded
     else:
         twin = reloaded
+    training = model.training
     with torch.no_grad():
-        a, b = model.eval()(x), twin.eval()(x)
-    if hasattr(a, "last_hidden_state"):
-        a, b = a.last_hidden_state, b.last_hidden_state
+        a, b = _tensor(model.eval()(x)), _tensor(twin.eval()(x))
+    model.train(training)
     return float((a - b).abs().max())

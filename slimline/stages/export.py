@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from slimline.artifact import Artifact
 from slimline.compress.deploy import ExportConfig, export_model
 from slimline.compress.methods import MethodError
-from slimline.params import param
+from slimline.params import ParamError, param
 from slimline.stage import StageContext, register_stage
 
 
@@ -53,6 +53,12 @@ class HFExportParams:
                       "widths) is written in the original shapes with those heads/channels as "
                       "zeros (same function, not smaller); false: refuse")
 
+    def __post_init__(self) -> None:
+        if not self.directory or self.directory in (".", "..") or "/" in self.directory:
+            raise ParamError("directory", f"must be a plain folder name, got {self.directory!r}")
+        if self.check_samples < 1:
+            raise ParamError("check_samples", f"must be at least 1, got {self.check_samples}")
+
 
 @register_stage("export.hf", HFExportParams)
 def export_hf_stage(ctx: StageContext, inputs: list[Artifact], p: HFExportParams) -> Artifact:
@@ -72,7 +78,7 @@ def export_hf_stage(ctx: StageContext, inputs: list[Artifact], p: HFExportParams
     try:
         result = save_hf_pretrained(
             out.model, ctx.work_dir / p.directory,
-            tokenizer_from=resolve_hf_path(source) if source else None,
+            source=resolve_hf_path(source) if source else None,
             check_inputs=x_test[: p.check_samples], atol=p.atol, pad=p.pad)
     except HFSaveError as exc:
         raise ctx.fail(str(exc)) from None

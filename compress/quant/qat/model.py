@@ -9,7 +9,6 @@ attached (so artifacts save and the int8 exporter reads it like any other quanti
 from __future__ import annotations
 
 import re
-from functools import partial
 from typing import Any
 
 import torch
@@ -22,9 +21,9 @@ from slimline.compress.quant.qat.lsq import LSQQuantizer
 from slimline.compress.quant.qat.oscillation import OscillationTracker
 from slimline.compress.quant.qat.qkr import (
     attention_layout,
-    hf_qkr_forward,
     merged_query_key,
-    qkr_attention,
+    qkr_forward,
+    verify_qkr,
 )
 from slimline.compress.quant.qat.statsq import StatsQQuantizer, statsq_scale, statsq_spec
 from slimline.compress.quant.rtn import quantizable_modules
@@ -111,6 +110,10 @@ class QATController:
     def install(self, calibration: torch.Tensor) -> None:
         """Add the quantizers; activation steps are initialised on ``calibration`` (the same
         tensor on every process, so distributed runs start identically)."""
+        if self.attentions:
+            training = self.model.training
+            verify_qkr(self.model, self.attentions, self.layouts, calibration[:8])
+            self.model.train(training)
         for module in self.layers.values():
             parametrize.register_parametrization(module, "weight", self._weight_quantizer(module))
             module.input_quantizer = LSQQuantizer(self.config.activation_bits, per_row=False)
@@ -119,13 +122,8 @@ class QATController:
             layout = self.layouts[name]
             self.qk_quantizers[name] = StatsQQuantizer(self.config.weight_bits)
             quantize_input = getattr(getattr(attention, layout.v), "input_quantizer", None)
-            if layout.returns_weights:
-                attention.forward = partial(hf_qkr_forward, attention, layout,
-                                            self.qk_quantizers[name], quantize_input)
-            else:
-                attention.forward = partial(qkr_attention, attention,
-                                            quantize_merged=self.qk_quantizers[name],
-                                            quantize_input=quantize_input, layout=layout)
+            attention.forward = qkr_forward(attention, layout, self.qk_quantizers[name],
+                                            quantize_input)
         with torch.no_grad():
             self.model(calibration)
 

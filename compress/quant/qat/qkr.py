@@ -22,13 +22,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 __all__ = ["AttentionLayout", "attention_layout", "hf_qkr_forward", "merged_query_key",
-           "qkr_attention"]
+           "qkr_attention", "qkr_forward", "verify_qkr"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,10 @@ def attention_layout(module: nn.Module) -> AttentionLayout | None:
             continue
         if not (hasattr(module, layout.heads) and hasattr(module, layout.head_dim)):
             continue
-        if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
-            return None  # a cache and a causal mask: not a plain self-attention
+        if (getattr(module, "is_decoder", False) or getattr(module, "is_causal", False)
+                or getattr(module, "is_cross_attention", False)
+                or "Cross" in type(module).__name__):
+            return None  # a cache, a causal mask or another sequence: not plain self-attention
         if "position_embeddings" in inspect.signature(module.forward).parameters:
             return None  # rotary q/k: logits are not x M xᵀ
         return layout
@@ -102,7 +105,7 @@ def qkr_attention(
     if q.bias is not None:
         key_bias = k.weight.reshape(heads, dim, -1).transpose(1, 2) @ q.bias.reshape(heads, dim, 1)
         logits = logits + (xh @ key_bias).transpose(-2, -1)  # (heads, D, 1) -> per key
-    logits = logits * dim**-0.5
+    logits = logits * getattr(attention, "scaling", dim**-0.5)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attention_mask, torch.finfo(logits.dtype).min)
@@ -126,8 +129,62 @@ def hf_qkr_forward(attention: nn.Module, layout: AttentionLayout,
     if kwargs.get("encoder_hidden_states") is not None:
         raise ValueError("qkr: cross-attention has no merged query-key form")
     rate = getattr(attention, "dropout", None)  # BERT: an nn.Dropout; HF ViT: a float
-    rate = rate.p if isinstance(rate, nn.Dropout) else getattr(attention, "attention_dropout", 0.0)
+    if not isinstance(rate, nn.Dropout | float):
+        rate = getattr(attention, "attention_dropout", 0.0)
+    rate = rate.p if isinstance(rate, nn.Dropout) else rate
     out = qkr_attention(attention, hidden_states, quantize_merged, quantize_input,
                         layout=layout, attention_mask=attention_mask,
                         dropout=float(rate or 0.0) if attention.training else 0.0)
     return out, None
+
+
+def qkr_forward(attention: nn.Module, layout: AttentionLayout,
+                quantize_merged: Callable[[torch.Tensor], torch.Tensor],
+                quantize_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> Callable[..., Any]:
+    """The forward that replaces ``attention.forward`` on the QKR path."""
+    if layout.returns_weights:
+        return partial(hf_qkr_forward, attention, layout, quantize_merged, quantize_input)
+    return partial(qkr_attention, attention, quantize_merged=quantize_merged,
+                   quantize_input=quantize_input, layout=layout)
+
+
+@torch.no_grad()
+def verify_qkr(model: nn.Module, attentions: dict[str, nn.Module],
+               layouts: dict[str, AttentionLayout], example: torch.Tensor,
+               rtol: float = 1e-4) -> None:
+    """Run ``model`` once on ``example``, then each attention's QKR forward (identity quantizer)
+    on the very inputs that attention received, and raise ValueError naming the first whose
+    output differs: a module can match a layout by its attribute names and still compute
+    something else (ALBERT adds its output projection, residual and LayerNorm inside; RoFormer
+    rotates q and k), which QKR would silently change."""
+    seen: dict[str, tuple[tuple[Any, ...], dict[str, Any], Any]] = {}
+
+    def record(name: str):
+        def hook(module, args, kwargs, output):
+            seen.setdefault(name, (args, kwargs, output))
+        return hook
+
+    handles = [m.register_forward_hook(record(n), with_kwargs=True)
+               for n, m in attentions.items()]
+    try:
+        model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, attention in attentions.items():
+        if name not in seen:
+            continue
+        args, kwargs, expected = seen[name]
+        try:
+            got = qkr_forward(attention, layouts[name], lambda m: m)(*args, **kwargs)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"qkr: {name} ({type(attention).__name__}) cannot run on the "
+                             f"merged query-key path ({exc}); set qkr: false") from None
+        got, expected = (t[0] if isinstance(t, tuple) else t for t in (got, expected))
+        error = float((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
+        if error > rtol:
+            raise ValueError(
+                f"qkr: {name} ({type(attention).__name__}) does not compute plain softmax "
+                f"self-attention of its q/k/v projections (the merged form is off by "
+                f"{error:.2g} relative): QKR would change the model; set qkr: false")
