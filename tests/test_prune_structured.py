@@ -289,3 +289,17 @@ def test_stage_reports_unreachable_budget(tmp_path: Path) -> None:
     }
     with pytest.raises(StageFailed, match=r"'prune' \(prune.channels\): cannot remove 95.0%"):
         slimline.run(recipe, run_dir=tmp_path, progress=False)
+
+
+def test_flops_of_torch_transformer_layers_count_their_attention():
+    """torch's TransformerEncoderLayer runs a fused fast path in eval mode, and its attention a
+    fused CPU kernel: both hide matmuls from the counter unless counting turns them off."""
+    from slimline.models import build_model
+
+    model = build_model("seqformer", dim=16, depth=2, heads=2, mlp_ratio=2.0)
+    tokens, dim, ffn = 40, 16, 32
+    per_layer = 2 * tokens * (3 * dim * dim + dim * dim + 2 * dim * ffn) \
+        + 2 * 2 * tokens * tokens * dim  # q k^T and attn v over both heads
+    expected = 2 * per_layer + 2 * tokens * 1 * dim + 2 * dim * 10  # + embedding and head
+    assert count_flops(model, torch.randn(1, 1, 40)).total == expected
+    assert torch.backends.mha.get_fastpath_enabled()  # restored

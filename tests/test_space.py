@@ -266,7 +266,7 @@ def test_seqformer_space_builds_torch_transformers_the_attention_proxies_read():
     x = torch.randn(8, 1, 40)
     assert model(x).shape == (8, 10)
     scores = score_architecture(lambda: space.build_model(arch),
-                                ["attention_confidence", "synaptic_diversity", "params"],
+                                ["attention_confidence", "synaptic_diversity", "grasp", "params"],
                                 ProxyInputs(x, torch.arange(8) % 10, num_classes=10))
     assert all(torch.isfinite(torch.tensor(v)) for v in scores.values())
     assert scores["params"] == sum(p.numel() for p in model.parameters())

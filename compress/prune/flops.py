@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -45,10 +46,16 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> FlopCount:
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     counter = FlopCounterMode(display=False)
+    # In eval mode torch's TransformerEncoderLayer / MultiheadAttention take a fused "fast
+    # path" (one native op) that the counter cannot see into, and the fused CPU attention
+    # kernels are not in its table either: count the ordinary ops (math attention) instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with counter:
+        with counter, sdpa_kernel(SDPBackend.MATH):
             model(example_input)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, training in modes:
             module.training = training
     per_module: dict[str, int] = {}

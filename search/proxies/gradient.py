@@ -66,10 +66,14 @@ class Grasp(Proxy):
     name = "grasp"
 
     def compute(self, model: nn.Module, inputs: ProxyInputs) -> float:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         weights = scored_weights(model)
         model.train()
         model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
+        # Hessian-vector products differentiate twice: the fused attention kernels have no
+        # second derivative on CPU (torch's own MultiheadAttention picks them), the math one has.
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             loss = F.cross_entropy(model(inputs.x), inputs.y)
             grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
             pairs = [(w, g) for w, g in zip(weights, grads) if g is not None]
