@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from slimline.models import build_model, list_models
 
-SEQUENCE_MODELS = {"cnn1d", "gru"}
+SEQUENCE_MODELS = {"cnn1d", "gru", "seqformer"}
 
 
 def _input(name: str, batch: int, in_channels: int = 1, size: tuple[int, ...] | None = None):
