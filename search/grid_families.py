@@ -17,13 +17,10 @@ from slimline.search.spaces_grid import Fail, GridArchitecture, GridSpace
 __all__ = ["CNN1dSpace", "GRUSpace", "SeqformerSpace", "ViTSpace", "grid_space_from_dict"]
 
 
-class ViTSpace(GridSpace):
-    """Zoo ``vit``: depth, embedding width, heads and MLP ratio; the patch size is fixed."""
+class TransformerGridSpace(GridSpace):
+    """What the transformer families share: depth, width, heads and MLP ratio, with the width
+    divisible by the head count."""
 
-    family = "vit"
-    model_name = "vit"
-    input_rank = 3
-    fixed_keys: ClassVar[dict[str, Any]] = {"patch_size": 2}
     choice_keys: ClassVar[dict[str, tuple[str, type]]] = {
         "depths": ("depth", int),
         "widths": ("width", int),
@@ -32,10 +29,6 @@ class ViTSpace(GridSpace):
     }
 
     def _check(self, fail: Fail) -> None:
-        patch = self.fixed["patch_size"]
-        if not isinstance(patch, int) or patch < 1 or any(s % patch for s in self.input_shape[1:]):
-            raise fail("patch_size", f"must be a positive integer dividing the image size "
-                                     f"{list(self.input_shape[1:])}, got {patch!r}")
         if self.size == 0:
             raise fail("heads", "no width in 'widths' is divisible by any choice of heads")
 
@@ -45,8 +38,27 @@ class ViTSpace(GridSpace):
         return None
 
     def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
-        return {"patch_size": self.fixed["patch_size"], "depth": arch["depth"],
-                "dim": arch["width"], "heads": arch["heads"], "mlp_ratio": arch["mlp_ratio"]}
+        return {"depth": arch["depth"], "dim": arch["width"], "heads": arch["heads"],
+                "mlp_ratio": arch["mlp_ratio"]}
+
+
+class ViTSpace(TransformerGridSpace):
+    """Zoo ``vit``: depth, embedding width, heads and MLP ratio; the patch size is fixed."""
+
+    family = "vit"
+    model_name = "vit"
+    input_rank = 3
+    fixed_keys: ClassVar[dict[str, Any]] = {"patch_size": 2}
+
+    def _check(self, fail: Fail) -> None:
+        patch = self.fixed["patch_size"]
+        if not isinstance(patch, int) or patch < 1 or any(s % patch for s in self.input_shape[1:]):
+            raise fail("patch_size", f"must be a positive integer dividing the image size "
+                                     f"{list(self.input_shape[1:])}, got {patch!r}")
+        super()._check(fail)
+
+    def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
+        return {"patch_size": self.fixed["patch_size"], **super()._model_kwargs(arch)}
 
 
 class CNN1dSpace(GridSpace):
@@ -86,31 +98,12 @@ class GRUSpace(GridSpace):
         return {"hidden_size": arch["hidden_size"], "num_layers": arch["num_layers"]}
 
 
-class SeqformerSpace(GridSpace):
+class SeqformerSpace(TransformerGridSpace):
     """Zoo ``seqformer`` (torch ``nn.TransformerEncoder`` over time steps): depth, width, heads
     and MLP ratio."""
 
     family = "seqformer"
     model_name = "seqformer"
-    choice_keys: ClassVar[dict[str, tuple[str, type]]] = {
-        "depths": ("depth", int),
-        "widths": ("width", int),
-        "heads": ("heads", int),
-        "mlp_ratios": ("mlp_ratio", float),
-    }
-
-    def _check(self, fail: Fail) -> None:
-        if self.size == 0:
-            raise fail("heads", "no width in 'widths' is divisible by any choice of heads")
-
-    def _constraint_error(self, arch: GridArchitecture) -> str | None:
-        if arch["width"] % arch["heads"]:
-            return f"width {arch['width']} is not divisible by heads {arch['heads']}"
-        return None
-
-    def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
-        return {"depth": arch["depth"], "dim": arch["width"], "heads": arch["heads"],
-                "mlp_ratio": arch["mlp_ratio"]}
 
 
 GRID_FAMILIES: dict[str, type[GridSpace]] = {

@@ -69,11 +69,12 @@ def _mismatches(ours: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, .
     return {k: (ours[k], theirs[k]) for k in ours.keys() & theirs.keys() if ours[k] != theirs[k]}
 
 
-def _config_for(model: nn.Module, conv1d: set[str]) -> Any:
+def _config_for(model: nn.Module, conv1d: set[str], original: dict[str, tuple[int, ...]]
+                ) -> Any:
     """A config that builds ``model``'s shapes, or HFSaveError naming what no config can say."""
     config = copy.deepcopy(model.config)
     ours = _shapes(model, conv1d)
-    differ = _mismatches(ours, _shapes(_fresh(model, config), conv1d))
+    differ = _mismatches(ours, original)
     if not differ:
         return config
     heads = sorted({name for name, m in model.named_modules()
@@ -118,8 +119,8 @@ def _state_dict(model: nn.Module, conv1d: set[str],
     return state
 
 
-def _padding(model: nn.Module, conv1d: set[str], refusal: HFSaveError
-             ) -> dict[str, tuple[int, ...]]:
+def _padding(model: nn.Module, conv1d: set[str], original: dict[str, tuple[int, ...]],
+             refusal: HFSaveError) -> dict[str, tuple[int, ...]]:
     """Shapes that zero-padding restores to the original config, or ``refusal`` (extended)
     when padding would change the function.
 
@@ -127,9 +128,7 @@ def _padding(model: nn.Module, conv1d: set[str], refusal: HFSaveError
     unchanged: a zero FFN channel is act(0) = 0 for GELU/ReLU/SiLU, and a zero head has zero
     values (its uniform attention averages zeros). A normalised width (LayerNorm, the
     embeddings: ``prune_embedding``) is different: its statistics would include the zeros."""
-    ours = _shapes(model, conv1d)
-    target = _shapes(_fresh(model, model.config), conv1d)
-    differ = _mismatches(ours, target)
+    differ = _mismatches(_shapes(model, conv1d), original)
     for key, (mine, full) in sorted(differ.items()):
         name = key.rpartition(".")[0]
         module = model.get_submodule(name)
@@ -167,14 +166,16 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, *,
     if not hasattr(inner, "save_pretrained") or not hasattr(inner, "config"):
         raise HFSaveError(f"{type(model).__name__} is not a transformers model (no "
                           "save_pretrained/config): export it with export.onnx instead")
-    conv1d = _conv1d_names(_fresh(inner, inner.config))
+    fresh = _fresh(inner, inner.config)  # the class's own layout and shapes, built once
+    conv1d = _conv1d_names(fresh)
+    original = _shapes(fresh, conv1d)
     pad_to: dict[str, tuple[int, ...]] = {}
     try:
-        config = _config_for(inner, conv1d)
+        config = _config_for(inner, conv1d, original)
     except HFSaveError as refusal:
         if not pad:
             raise
-        pad_to = _padding(inner, conv1d, refusal)
+        pad_to = _padding(inner, conv1d, original, refusal)
         config = copy.deepcopy(inner.config)
     changed = {f: getattr(config, f) for f in FFN_WIDTH_FIELDS
                if hasattr(config, f) and getattr(config, f) != getattr(inner.config, f)}
