@@ -35,9 +35,9 @@ from slimline.compress.quant.bn_statistics import (
     propagate_stats,
 )
 from slimline.compress.quant.fold import conv_bn_pairs, fold_batchnorm
+from slimline.compress.quant.observers import MinMaxObserver
 from slimline.compress.quant.placement import ActivationPlan, plan_activation_points
 from slimline.compress.quant.rtn import (
-    MinMaxObserver,
     add_bias_specs,
     quantization_targets,
     weight_spec_rtn,

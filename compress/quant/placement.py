@@ -48,9 +48,17 @@ class ActivationPlan:
     traced: bool  # False: fx could not trace the model and the fallback rules were used
 
 
-def plan_activation_points(model: nn.Module, quantized: Iterable[str]) -> ActivationPlan:
-    """Activation points for a model whose modules ``quantized`` (names) get int8 weights."""
+def plan_activation_points(
+    model: nn.Module, quantized: Iterable[str], own_input: Iterable[str] = ()
+) -> ActivationPlan:
+    """Activation points for a model whose modules ``quantized`` (names) get int8 weights.
+
+    Modules in ``own_input`` always get an input point of their own, never the producer's
+    output point: a smoothed Linear's input is divided by its own ``s`` before it is quantized,
+    which its producer's other consumers must not see.
+    """
     quantized = list(quantized)
+    own_input = set(own_input)
     modules = dict(model.named_modules())
     try:
         graph = fx.symbolic_trace(model).graph
@@ -69,7 +77,9 @@ def plan_activation_points(model: nn.Module, quantized: Iterable[str]) -> Activa
         if node.op != "call_module" or node.target not in wanted:
             continue
         source = node.args[0] if node.args else None
-        if isinstance(source, fx.Node) and source.op == "call_module":
+        if isinstance(source, fx.Node) and source.op == "call_module" and (
+            node.target not in own_input
+        ):
             point = TensorPoint(str(source.target), "output")
         else:
             point = TensorPoint(str(node.target), "input")

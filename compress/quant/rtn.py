@@ -8,7 +8,8 @@ min/max seen on a calibration set. Biases of quantized layers whose input is qua
 on the int32 grid ``scale_x * scale_w`` that integer kernels add them on, so the PyTorch model
 computes what the int8 runtime computes.
 
-Steps (:func:`quantize_rtn`): fold BatchNorm into convs, choose activation points
+Steps (:func:`quantize_rtn`): fold BatchNorm into convs, optionally smooth Linear inputs
+(SmoothQuant, :mod:`slimline.compress.quant.smoothing`), choose activation points
 (:mod:`slimline.compress.quant.placement`), quantize weights, calibrate activations on the model with
 quantized weights, derive bias grids, attach everything (:func:`attach_quantization`).
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -33,11 +33,12 @@ from slimline.compress.methods import (
     register_quantizer,
 )
 from slimline.compress.quant.fold import fold_batchnorm
+from slimline.compress.quant.observers import observe_points
 from slimline.compress.quant.placement import ActivationPlan, plan_activation_points
+from slimline.compress.quant.smoothing import apply_smoothing, choose_smoothing
 from slimline.compress.quant.spec import QuantSpec, affine_spec, symmetric_spec
 from slimline.compress.quant.state import (
     QuantState,
-    TensorPoint,
     attach_quantization,
     quantization_of,
 )
@@ -52,7 +53,6 @@ from slimline.params import ParamError, check_regex, param
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MinMaxObserver",
     "RTNConfig",
     "RTNResult",
     "bias_spec",
@@ -100,24 +100,6 @@ def weight_spec_rtn(weight: torch.Tensor, bits: int, *, per_channel: bool = True
     return symmetric_spec(weight.abs().max(), bits)
 
 
-class MinMaxObserver:
-    """Running minimum and maximum of every tensor it is shown (per tensor)."""
-
-    def __init__(self) -> None:
-        self.minimum, self.maximum = float("inf"), float("-inf")
-        self.count = 0
-
-    def observe(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        self.minimum = min(self.minimum, float(x.min()))
-        self.maximum = max(self.maximum, float(x.max()))
-        self.count += 1
-
-    def spec(self, bits: int, *, signed: bool, symmetric: bool) -> QuantSpec:
-        """The grid covering the observed range (see :func:`affine_spec`)."""
-        return affine_spec(self.minimum, self.maximum, bits, signed=signed, symmetric=symmetric)
-
-
 @dataclass
 class RTNResult:
     """What :func:`quantize_rtn` did (the state is also attached to the model)."""
@@ -144,6 +126,8 @@ def quantize_rtn(
     fold_bn: bool = True,
     batch_size: int = 64,
     target: Target | str | None = "auto",
+    smoothing: float | str | None = None,
+    smoothing_layers: str | None = None,
 ) -> RTNResult:
     """Quantize ``model`` in place (eval mode) and attach the fake-quant forward.
 
@@ -151,7 +135,10 @@ def quantize_rtn(
     of Conv/Linear module names kept in float (e.g. ``"^conv1$|^fc$"``). Only 8-bit activations
     are supported: that is what integer kernels run. ``target`` is the CPU the int8 file will
     run on (``"auto"``: this one; see :mod:`slimline.export.target`): it can lower a layer's
-    ``weight_bits`` to the range that CPU's kernels compute exactly.
+    ``weight_bits`` to the range that CPU's kernels compute exactly. ``smoothing``: SmoothQuant
+    on the Linear layers first (an alpha in [0, 1], or ``"auto"``: chosen per layer, see
+    :func:`slimline.compress.quant.smoothing.choose_smoothing`); ``None`` leaves them as they are.
+    ``smoothing_layers`` (a regex of Linear names) limits which layers it may touch.
 
     Raises:
         ValueError: bad bit widths, nothing to quantize, or a bias whose int32 grid overflows.
@@ -163,20 +150,34 @@ def quantize_rtn(
     model.eval()
     folded = fold_batchnorm(model) if fold_bn else []
     every, targets = quantization_targets(model, skip)
-    plan = plan_activation_points(model, targets)
-
     bits = {name: layer_weight_bits(m, weight_bits, target) for name, m in targets.items()}
+
+    def activation_grid(low: float, high: float) -> QuantSpec:
+        return affine_spec(low, high, activation_bits, signed=activation_signed,
+                           symmetric=symmetric_activations)
+
+    divisors: dict[str, torch.Tensor] = {}
+    if smoothing is not None:
+        pattern = re.compile(smoothing_layers) if smoothing_layers else None
+        linears = {n: m for n, m in targets.items()
+                   if isinstance(m, nn.Linear) and (pattern is None or pattern.search(n))}
+        divisors = choose_smoothing(
+            model, linears, calibration,
+            alpha=smoothing, activation_grid=activation_grid, batch_size=batch_size,
+            weight_grid=lambda n, w: weight_spec_rtn(w, bits[n], per_channel=per_channel))
+        apply_smoothing(model, divisors)
+    plan = plan_activation_points(model, targets, own_input=divisors)
     weights = {
         f"{name}.weight": weight_spec_rtn(module.weight, bits[name], per_channel=per_channel)
         for name, module in targets.items()
     }
-    attach_quantization(model, QuantState(weights=weights, method="rtn"))  # bakes the weights
+    smoothed = {f"{name}:input": s for name, s in divisors.items()}
+    # bakes the weights; the smoothing hooks divide what the observers below see
+    attach_quantization(model, QuantState(weights=weights, method="rtn", smoothing=smoothed))
 
-    observers = _observe(model, plan.points, calibration, batch_size)
+    observers = observe_points(model, plan.points, calibration, batch_size)
     activations = {
-        point.key: observers[point.key].spec(
-            activation_bits, signed=activation_signed, symmetric=symmetric_activations
-        )
+        point.key: activation_grid(observers[point.key].minimum, observers[point.key].maximum)
         for point in plan.points
         if observers[point.key].count
     }
@@ -187,12 +188,16 @@ def quantize_rtn(
         weights=weights,
         activations=activations,
         method="rtn",
+        smoothing=smoothed,
         info={
             "weight_bits": weight_bits,
             "activation_bits": activation_bits,
             "activation_dtype": "int8" if activation_signed else "uint8",
             "symmetric_activations": symmetric_activations,
             "per_channel": per_channel,
+            "smoothing": smoothing,
+            "smoothing_layers": smoothing_layers,
+            "smoothed_layers": len(divisors),
             "weight_storage": "int8",
             "weight_levels": 2**weight_bits - 1,
             "calibration_samples": int(len(calibration)),
@@ -268,39 +273,6 @@ def bias_spec(
     return spec
 
 
-def _observe(
-    model: nn.Module, points: Iterable[TensorPoint], calibration: torch.Tensor, batch_size: int
-) -> dict[str, MinMaxObserver]:
-    observers: dict[str, MinMaxObserver] = {}
-    handles = []
-    modules = dict(model.named_modules())
-    for point in points:
-        observer = observers[point.key] = MinMaxObserver()
-        module = modules[point.module]
-        if point.where == "input":
-            handles.append(module.register_forward_pre_hook(_Record(observer, point)))
-        else:
-            handles.append(module.register_forward_hook(_Record(observer, point)))
-    try:
-        for start in range(0, len(calibration), batch_size):
-            model(calibration[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return observers
-
-
-class _Record:
-    def __init__(self, observer: MinMaxObserver, point: TensorPoint):
-        self.observer, self.point = observer, point
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], *output: Any) -> None:
-        tensor = args[0] if self.point.where == "input" else output[0]
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"cannot observe the {self.point}: it is {type(tensor).__name__}")
-        self.observer.observe(tensor)
-
-
 # ---- the method behind slimline.quantize / the quant.rtn stage ---------------------------
 
 
@@ -321,6 +293,14 @@ class RTNConfig(MethodConfig):
     calibration_samples: int = param(256, help="training inputs used to observe activations")
     skip: str | None = param(None, help="regex of Conv/Linear names kept in float, e.g. '^fc$'")
     fold_bn: bool = param(True, help="fold BatchNorm into the preceding conv first")
+    smoothing: Literal["off", "auto"] | float = param(
+        "off", help="SmoothQuant on Linear inputs (transformers' outlier channels): 'auto' picks "
+        "alpha per layer by its output error (or leaves it), a number in [0, 1] is one alpha"
+    )
+    smoothing_layers: str | None = param(
+        None, help="regex of the Linears smoothing may touch (default: all), e.g. "
+        "'query|key|value|intermediate' for the LayerNorm-fed ones: one Mul fewer per layer"
+    )
 
     def __post_init__(self) -> None:
         if not 2 <= self.weight_bits <= 8:
@@ -333,6 +313,9 @@ class RTNConfig(MethodConfig):
         if self.calibration_samples < 1:
             raise ParamError("calibration_samples", "must be at least 1")
         check_regex("skip", self.skip)
+        check_regex("smoothing_layers", self.smoothing_layers)
+        if isinstance(self.smoothing, float) and not 0.0 <= self.smoothing <= 1.0:
+            raise ParamError("smoothing", f"alpha must be in [0, 1], got {self.smoothing}")
 
 
 @register_quantizer(RTNConfig)
@@ -354,6 +337,8 @@ def quantize_rtn_method(model: nn.Module, config: RTNConfig,
             skip=p.skip,
             fold_bn=p.fold_bn,
             target=inputs.target,
+            smoothing=None if p.smoothing == "off" else p.smoothing,
+            smoothing_layers=p.smoothing_layers,
         )
     except ValueError as exc:
         raise MethodError(str(exc)) from None
@@ -366,6 +351,7 @@ def quantize_rtn_method(model: nn.Module, config: RTNConfig,
         "activation_bits": p.activation_bits,
         "activation_dtype": p.activation_dtype,
         "per_channel": p.per_channel,
+        "smoothed_layers": len(result.state.smoothing),
         "quantized_layers": len(result.quantized),
         "float_layers": result.skipped,
         "activation_points": len(result.state.activations),

@@ -86,17 +86,24 @@ class QuantState:
     """Quantization of a whole model: parameter specs by name, activation specs by point key.
 
     ``method`` names the quantizer ("rtn", "dfq", "lsq", ...); ``info`` holds JSON-able extras it
-    wants to record (bit widths, calibration size, notes).
+    wants to record (bit widths, calibration size, notes). ``smoothing`` maps a Linear's input
+    point to per-channel divisors ``s`` (SmoothQuant, :mod:`slimline.compress.quant.smoothing`):
+    the input is divided by ``s`` before it is quantized, and the layer's stored weight already
+    holds ``W diag(s)``.
     """
 
     weights: dict[str, QuantSpec] = field(default_factory=dict)
     activations: dict[str, QuantSpec] = field(default_factory=dict)
     method: str = "unknown"
     info: dict[str, Any] = field(default_factory=dict)
+    smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key in self.activations:
+        for key in [*self.activations, *self.smoothing]:
             TensorPoint.parse(key)  # fail early on a malformed key
+        for key in self.smoothing:
+            if TensorPoint.parse(key).where != "input":
+                raise QuantStateError(f"smoothing applies to a layer's input, not {key!r}")
 
     def points(self) -> list[TensorPoint]:
         return [TensorPoint.parse(key) for key in self.activations]
@@ -109,6 +116,7 @@ class QuantState:
             "info": dict(self.info),
             "weights": {name: spec.to_dict() for name, spec in self.weights.items()},
             "activations": {key: spec.to_dict() for key, spec in self.activations.items()},
+            "smoothing": {key: s.tolist() for key, s in self.smoothing.items()},
         }
 
     @classmethod
@@ -124,6 +132,8 @@ class QuantState:
             activations={k: QuantSpec.from_dict(v) for k, v in data["activations"].items()},
             method=str(data.get("method", "unknown")),
             info=dict(data.get("info", {})),
+            smoothing={k: torch.tensor(v, dtype=torch.float32)
+                       for k, v in data.get("smoothing", {}).items()},
         )
 
 
@@ -136,20 +146,34 @@ class _ActivationFakeQuant:
     In QDQ-trace mode (see :func:`tracing_as_qdq`) it emits torch's ``quantized_decomposed``
     quantize/dequantize ops instead, which the ONNX exporter turns into QuantizeLinear and
     DequantizeLinear nodes with this spec's scale and zero point.
+
+    With a smoothing divisor (input points only) it first multiplies the input by ``1/s``
+    along its last axis (a Mul in the exported graph); with no spec it only does that (the
+    quantizer observing the smoothed input before it has chosen the spec).
     """
 
-    def __init__(self, spec: QuantSpec, point: TensorPoint):
-        if spec.per_channel or spec.bits > 16:
+    def __init__(self, spec: QuantSpec | None, point: TensorPoint,
+                 inverse: torch.Tensor | None = None):
+        if spec is not None and (spec.per_channel or spec.bits > 16):
             raise QuantStateError(
                 f"activation spec at {point} must be per-tensor, at most 16-bit, got {spec}"
             )
-        self.spec, self.point = spec, point
+        self.spec, self.point, self.inverse = spec, point, inverse
 
     def quantize(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise QuantStateError(
                 f"cannot quantize the {self.point}: it is {type(x).__name__}, not a float tensor"
             )
+        if self.inverse is not None:
+            if x.shape[-1] != self.inverse.numel():
+                raise QuantStateError(
+                    f"the {self.point} has {x.shape[-1]} channels in its last axis, its "
+                    f"smoothing {self.inverse.numel()}"
+                )
+            x = x * self.inverse
+        if self.spec is None:
+            return x
         if _QDQ_TRACE.get():
             return _qdq_ops(x, self.spec)
         return self.spec.fake_quant(x)
@@ -188,10 +212,18 @@ def _hooks(model: nn.Module) -> Iterator[tuple[nn.Module, dict[int, Any], int]]:
 
 
 def detach_quantization(model: nn.Module) -> QuantState | None:
-    """Remove the activation hooks and the state; returns the state. Weights stay baked."""
-    for _module, hooks, handle_id in list(_hooks(model)):
-        del hooks[handle_id]
-    return model.__dict__.pop(_MODEL_ATTR, None)
+    """Remove the activation hooks and the state; returns the state. Weights stay baked, except
+    that smoothed layers' weight columns are divided by their ``s`` again (without the hooks'
+    division of the input the model would compute something else)."""
+    state = quantization_of(model)
+    _detach_hooks(model)
+    if state is not None and state.smoothing:
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for key, divisor in state.smoothing.items():
+                weight = modules[TensorPoint.parse(key).module].weight
+                weight.div_(divisor.to(weight.dtype))
+    return state
 
 
 def quantization_of(model: nn.Module) -> QuantState | None:
@@ -229,11 +261,23 @@ def attach_quantization(model: nn.Module, state: QuantState | dict[str, Any]) ->
             raise QuantStateError(
                 f"quantized activation point {point} names no module of {type(model).__name__}"
             )
-    detach_quantization(model)
+    _check_smoothing(state, modules, type(model).__name__)
+    _detach_hooks(model)  # not detach_quantization: the weights already hold W diag(s)
     for name, spec in state.weights.items():
         parameters[name].copy_(spec.fake_quant(parameters[name]))
-    for point, spec in zip(points, state.activations.values()):
-        hook = _ActivationFakeQuant(spec, point)
+    specs: dict[str, QuantSpec | None] = dict(state.activations)
+    specs.update({key: None for key in state.smoothing if key not in specs})
+    inverses: dict[bytes, torch.Tensor] = {}  # one tensor per distinct divisor: layers that
+    # share an input and its smoothing export one Mul constant, which onnxruntime's common
+    # subexpression elimination then computes (and quantizes) once for all of them
+    for key, spec in specs.items():
+        point = TensorPoint.parse(key)
+        divisor = state.smoothing.get(key)
+        inverse = None
+        if divisor is not None:
+            divisor = divisor.float().contiguous()
+            inverse = inverses.setdefault(divisor.numpy().tobytes(), 1.0 / divisor)
+        hook = _ActivationFakeQuant(spec, point, inverse)
         module = modules[point.module]
         if point.where == "input":
             module.register_forward_pre_hook(hook)
@@ -241,6 +285,23 @@ def attach_quantization(model: nn.Module, state: QuantState | dict[str, Any]) ->
             module.register_forward_hook(hook)
     model.__dict__[_MODEL_ATTR] = state
     return model
+
+
+def _detach_hooks(model: nn.Module) -> None:
+    for _module, hooks, handle_id in list(_hooks(model)):
+        del hooks[handle_id]
+    model.__dict__.pop(_MODEL_ATTR, None)
+
+
+def _check_smoothing(state: QuantState, modules: dict[str, nn.Module], model: str) -> None:
+    for key, divisor in state.smoothing.items():
+        name = TensorPoint.parse(key).module
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise QuantStateError(f"smoothing at {key!r}: {name!r} is no Linear of {model}")
+        if divisor.numel() != module.in_features:
+            raise QuantStateError(f"smoothing at {key!r}: {divisor.numel()} divisors for "
+                                  f"{module.in_features} input features")
 
 
 def off_grid_parameters(model: nn.Module, state: QuantState) -> list[str]:
