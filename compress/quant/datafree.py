@@ -35,7 +35,7 @@ from slimline.compress.quant.bn_statistics import (
     propagate_stats,
 )
 from slimline.compress.quant.fold import conv_bn_pairs, fold_batchnorm
-from slimline.compress.quant.observers import MinMaxObserver
+from slimline.compress.quant.observers import observe_points
 from slimline.compress.quant.placement import ActivationPlan, plan_activation_points
 from slimline.compress.quant.rtn import (
     add_bias_specs,
@@ -246,29 +246,7 @@ def _observed_specs(
     batch_size: int = 64,
 ) -> dict[str, QuantSpec]:
     """Min/max of each point over ``calibration`` (the model already has quantized weights)."""
-    modules = dict(model.named_modules())
-    observers = {point.key: MinMaxObserver() for point in points}
-    handles = []
-    for point in points:
-        observer = observers[point.key]
-        if point.where == "input":
-            handles.append(
-                modules[point.module].register_forward_pre_hook(
-                    lambda m, args, observer=observer: observer.observe(args[0])
-                )
-            )
-        else:
-            handles.append(
-                modules[point.module].register_forward_hook(
-                    lambda m, args, out, observer=observer: observer.observe(out)
-                )
-            )
-    try:
-        for start in range(0, len(calibration), batch_size):
-            model(calibration[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    observers = observe_points(model, points, calibration, batch_size)
     return {
         key: observer.spec(bits, signed=signed, symmetric=symmetric)
         for key, observer in observers.items()
