@@ -100,10 +100,21 @@ class GRUSpace(GridSpace):
 
 class SeqformerSpace(TransformerGridSpace):
     """Zoo ``seqformer`` (torch ``nn.TransformerEncoder`` over time steps): depth, width, heads
-    and MLP ratio."""
+    and MLP ratio; the patch size (time steps per token, 1 by default) is fixed."""
 
     family = "seqformer"
     model_name = "seqformer"
+    fixed_keys: ClassVar[dict[str, Any]] = {"patch_size": 1}
+
+    def _check(self, fail: Fail) -> None:
+        patch = self.fixed["patch_size"]
+        if not isinstance(patch, int) or patch < 1 or self.input_shape[1] % patch:
+            raise fail("patch_size", f"must be a positive integer dividing the length "
+                                     f"{self.input_shape[1]}, got {patch!r}")
+        super()._check(fail)
+
+    def _model_kwargs(self, arch: GridArchitecture) -> dict[str, Any]:
+        return {"patch_size": self.fixed["patch_size"], **super()._model_kwargs(arch)}
 
 
 GRID_FAMILIES: dict[str, type[GridSpace]] = {

@@ -32,11 +32,10 @@ PROMISED = {
     "digits-cnn-sgd": (100, {"resnet_flex"}, 3, False),
     "mnist1d-cnn1d-2k": (100, {"cnn1d"}, 3, False),
     "digits-vit": (100, {"vit"}, 3, False),
-    # torch's nn.TransformerEncoder on MNIST-1D: its seeds agree less (tau 0.45, below the
-    # issue's 0.6 bar; bench/RESULTS.md says so), kept as the torch-attention table
-    "mnist1d-seqformer": (100, {"seqformer"}, 3, False),
+    # torch's nn.TransformerEncoder on MNIST-1D, a token per 4 time steps (it replaced
+    # mnist1d-seqformer, a token per step, whose seeds agreed at tau 0.45 only)
+    "mnist1d-seqformer-p4": (100, {"seqformer"}, 3, False),
 }
-SEED_TAU_BAR = {"mnist1d-seqformer": 0.4}
 POOLS = {"digits-cnn-full": (1152, 2), "mnist1d-cnn1d-pool": (1000, 1)}
 
 
@@ -80,8 +79,8 @@ def test_committed_table_has_the_promised_content(name):
         for key in ("test_accuracy", *(["distilled_test_accuracy"] if distilled else [])):
             assert -1.0 <= s2s[measure][key] <= 1.0
     if seeds == 3:  # the bar for a short schedule: seeds agree on the ranking
-        assert s2s["kendall_tau"]["test_accuracy"] >= SEED_TAU_BAR.get(name, 0.6) and s2s["seed_pairs"][
-            "test_accuracy"] == 3
+        assert s2s["kendall_tau"]["test_accuracy"] >= 0.6
+        assert s2s["seed_pairs"]["test_accuracy"] == 3
     if distilled:
         teacher = truth.teacher
         assert {"model_spec", "train", "seed", "test_accuracy"} <= set(teacher)

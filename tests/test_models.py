@@ -155,3 +155,19 @@ def test_gru_reads_channels_first() -> None:
     with torch.no_grad():
         _, h_n = model.gru(x.transpose(1, 2))
         torch.testing.assert_close(model(x), model.head(h_n[-1]))
+
+
+def test_seqformer_patches_consecutive_steps_into_one_token() -> None:
+    model = build_model("seqformer", in_channels=2, input_size=[40], dim=16, patch_size=4).eval()
+    assert model.embed.in_features == 2 * 4 and model.position.shape == (1, 10, 16)
+    seen = []
+    model.embed.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(3, 2, 40)
+    with torch.no_grad():
+        assert model(x).shape == (3, 10)
+    tokens = seen[0]
+    assert tokens.shape == (3, 10, 8)
+    # token 1 holds time steps 4..7 of each channel, channel by channel
+    torch.testing.assert_close(tokens[:, 1], x[:, :, 4:8].reshape(3, 8))
+    with pytest.raises(ValueError, match="patch_size"):
+        build_model("seqformer", input_size=[40], patch_size=3)
