@@ -209,3 +209,47 @@ def test_int8_deploy_recipe_runs_tiny(tmp_path) -> None:
     x, y = load_dataset("digits").split("test")
     with torch.no_grad():
         assert float((reloaded(x).argmax(1) == y).float().mean()) == torch_int8["accuracy"]
+
+
+def test_a_constant_mul_on_a_product_joins_its_constant_factor():
+    """finalize_qdq step 4: Mul(x * (0.5 * y), v) -> x * ((0.5 * v) * y), one pass fewer, same
+    values (the GELU-then-smoothing pattern of a smoothed FFN output projection)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimline.export.qdq import finalize_qdq
+
+    v = np.linspace(0.5, 2.0, 6).astype(np.float32)
+    nodes = [
+        helper.make_node("Mul", ["half", "y"], ["u"]),
+        helper.make_node("Mul", ["x", "u"], ["t"]),
+        helper.make_node("Mul", ["t", "v"], ["out"]),
+        helper.make_node("Identity", ["out"], ["z"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 6]) for n in ("x", "y")],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 6])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+         numpy_helper.from_array(v, "v")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(2, 6)).astype(np.float32),
+             "y": rng.normal(size=(2, 6)).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    report = finalize_qdq(model)
+    onnx.checker.check_model(model)
+    assert report["muls_merged"] == 1
+    assert [n.op_type for n in model.graph.node].count("Mul") == 2
+    after = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6)
+    # a product read twice keeps its Mul: folding v into it would change the other reader
+    shared = helper.make_graph(
+        [helper.make_node("Mul", ["x", "half"], ["t"]),
+         helper.make_node("Mul", ["t", "v"], ["out"]),
+         helper.make_node("Add", ["t", "out"], ["z"])], "g2",
+        graph.input, graph.output, list(graph.initializer))
+    shared_model = helper.make_model(shared, opset_imports=[helper.make_opsetid("", 18)])
+    assert finalize_qdq(shared_model)["muls_merged"] == 0
