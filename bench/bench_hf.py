@@ -24,7 +24,8 @@ tokenizer to 32 tokens. No method trains; the only data any method sees is ``cal
 * wall time of every method (for the DP: its curve measurement).
 
 Latencies: onnxruntime, 1 thread, sequence length 32, median of ``--runs`` runs, lowest of
-``--rounds`` interleaved rounds (the machine is shared).
+``--rounds`` interleaved rounds (the machine is shared); ratios are the median over rounds of
+the two files' latencies in the same round (paired).
 """
 
 from __future__ import annotations
@@ -125,15 +126,25 @@ def _ort_embed(path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(outs))
 
 
-def _latencies(paths: dict[str, Path], rounds: int, runs: int) -> dict[str, dict[int, float]]:
-    best: dict[str, dict[int, float]] = {name: {} for name in paths}
-    for _ in range(rounds):
-        for name, path in paths.items():
-            report = profile_onnx(path, batch_sizes=(1, 8), warmup=5, runs=runs, seq_len=32,
-                                  per_op=False)
+def _latencies(paths: dict[str, Path], rounds: int, runs: int) -> dict[str, dict[int, list]]:
+    """Per file and batch size, the median latency of each round (files interleaved, their
+    order shuffled each round so none always runs right after another)."""
+    times: dict[str, dict[int, list]] = {name: {1: [], 8: []} for name in paths}
+    for round_ in range(rounds):
+        order = list(paths)
+        np.random.default_rng(round_).shuffle(order)
+        for name in order:
+            report = profile_onnx(paths[name], batch_sizes=(1, 8), warmup=5, runs=runs,
+                                  seq_len=32, per_op=False)
             for b in report.batches:
-                best[name][b.batch_size] = min(best[name].get(b.batch_size, np.inf), b.median_ms)
-    return best
+                times[name][b.batch_size].append(b.median_ms)
+    return times
+
+
+def _paired_ratio(times: dict[str, dict[int, list]], name: str, base: str, b: int) -> float:
+    """Median over rounds of ``name``'s latency over ``base``'s in the same round: the load of
+    a shared machine moves both, so the ratio is steadier than either figure."""
+    return float(np.median(np.array(times[name][b]) / np.array(times[base][b])))
 
 
 def int8(base: torch.nn.Module, data: Dataset, x: torch.Tensor, dense: torch.Tensor,
@@ -162,7 +173,9 @@ def int8(base: torch.nn.Module, data: Dataset, x: torch.Tensor, dense: torch.Ten
     rows = []
     for name, path in paths.items():
         rows.append({"model": name, "bytes": path.stat().st_size,
-                     "ms_b1": latency[name][1], "ms_b8": latency[name][8],
+                     "ms_b1": min(latency[name][1]), "ms_b8": min(latency[name][8]),
+                     "vs_dynamic_b1": _paired_ratio(latency, name, "ORT dynamic", 1),
+                     "vs_dynamic_b8": _paired_ratio(latency, name, "ORT dynamic", 8),
                      **_fidelity(_ort_embed(path, x), dense)})
     return {"rows": rows, "seconds": times,
             "scheme": ours.metrics.get("int8_scheme"),
@@ -193,7 +206,7 @@ def structured(base: torch.nn.Module, data: Dataset, x: torch.Tensor, dense: tor
     latency = _latencies(paths, rounds, runs)
     for row in rows:
         for b in (1, 8):
-            row[f"latency_ratio_b{b}"] = latency[f"{row['ratio']}"][b] / latency["dense"][b]
+            row[f"latency_ratio_b{b}"] = _paired_ratio(latency, f"{row['ratio']}", "dense", b)
     return rows
 
 
@@ -224,10 +237,11 @@ def tables(results: dict[str, Any]) -> str:
         r = results["int8"]
         parts.append("### int8 vs fp32 vs onnxruntime quantize_dynamic (seq 32, 1 thread)\n\n"
                      + markdown_table(
-                         ["model", "MiB", "ms b1", "ms b8", "cosine mean", "cosine min",
-                          "5-NN overlap"],
+                         ["model", "MiB", "ms b1", "ms b8", "b1 / dynamic", "b8 / dynamic",
+                          "cosine mean", "cosine min", "5-NN overlap"],
                          [[x["model"], round(x["bytes"] / 2**20, 2), round(x["ms_b1"], 3),
-                           round(x["ms_b8"], 3), round(x["cosine_mean"], 4),
+                           round(x["ms_b8"], 3), round(x["vs_dynamic_b1"], 3),
+                           round(x["vs_dynamic_b8"], 3), round(x["cosine_mean"], 4),
                            round(x["cosine_min"], 4), round(x["knn5_overlap"], 3)]
                           for x in r["rows"]])
                      + f"\n\nScheme: {r['scheme']}. {r['float_matmuls']}.")
@@ -249,8 +263,8 @@ def tables(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="unstructured,int8,structured")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
