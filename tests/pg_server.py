@@ -54,7 +54,13 @@ def throwaway_postgres(bin_dir: Path, database: str = "slimline_test") -> Iterat
             shutil.rmtree(home)
             raise RuntimeError("running as root and there is no 'postgres' user") from exc
         os.chown(home, owner.pw_uid, owner.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
+        # sbin is often off a non-login PATH (CI shells, env -i): look there too
+        runuser = shutil.which("runuser") or next(
+            (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)), None)
+        if runuser is None:
+            shutil.rmtree(home)
+            raise RuntimeError("running as root needs 'runuser' (util-linux) to start postgres")
+        as_user = [runuser, "-u", "postgres", "--"]
     data, port = home / "data", _free_port()
 
     def run(*args: str) -> None:
