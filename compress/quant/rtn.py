@@ -367,9 +367,9 @@ def quantize_rtn_method(model: nn.Module, config: RTNConfig,
         )
     if result.unobserved:
         metrics["unobserved_points"] = result.unobserved
-    log.info("%d layers quantized, %d kept in float, %d BatchNorms folded; target %s",
-             len(result.quantized), len(result.skipped), len(result.folded),
-             metrics["target"])
+    log.info("%d layers quantized (%d smoothed), %d kept in float, %d BatchNorms folded; "
+             "target %s", len(result.quantized), len(result.state.smoothing),
+             len(result.skipped), len(result.folded), metrics["target"])
     return QuantizeResult(model, result.state, metrics)
 
 

@@ -91,8 +91,8 @@ def choose_smoothing(
     divides and quantizes that tensor once for all of them. ``alpha`` a number: every group gets
     eq. 4 with it. ``"auto"``: each group's ``alpha`` from :data:`AUTO_ALPHAS` or none at all,
     whichever gives the lowest cross-validated :func:`smoothing_error` summed over the group
-    (calibration inputs: at most 4,096 rows, a fixed subset). ``weight_grid(name, w)`` and ``activation_grid(min, max)`` are
-    the quantizer's own grids.
+    (calibration inputs: at most 4,096 rows, a fixed subset). ``weight_grid(name, w)`` and
+    ``activation_grid(min, max)`` are the quantizer's own grids.
     """
     chosen: dict[str, torch.Tensor] = {}
     for names, x in _group_inputs(model, layers, calibration, batch_size):
