@@ -184,6 +184,7 @@ def test_stage_quantizes_the_export_and_profile_follows_the_int8_file(tmp_path, 
     assert metrics["quant_format"] == "qdq" and metrics["quantize_nodes"] > 0
     assert metrics["int8_initializers"] >= 2 and metrics["calibration_samples"] == 64
     assert metrics["samples"] == 359 and metrics["source_stage"] == "export"
+    assert metrics["reference"] == "export (fp32 ONNX)"  # the report names what it is vs
     assert metrics["accuracy"] >= metrics["fp32_accuracy"] - 0.05
     assert metrics["top1_agreement"] > 0.9 and metrics["size_ratio"] < 1.0
     assert metrics["op_counts"]["DequantizeLinear"] == metrics["dequantize_nodes"]

@@ -51,6 +51,7 @@ def ort_quantize_stage(ctx: StageContext, inputs: list[Artifact], p: OrtQuantize
                               reduce_range=reduce_range,
                               calibration_samples=0 if calibration is None else len(calibration)),
         "source_stage": producer,
+        "reference": f"{producer} (fp32 ONNX)",  # what its fidelity figures compare against
         "target": ctx.target.name,
     }
     if not out.metrics.pop("exact_here"):
