@@ -13,9 +13,7 @@ QLinearAdd):
    initializer (the DequantizeLinear's axis follows), so the DQ feeds the MatMul directly;
 3. the float bias of a Conv/Gemm whose input and weight are dequantized is stored as int32 on
    the grid ``scale_x * scale_w`` with its own DequantizeLinear (the fused kernels add it to the
-   int32 accumulator; a float bias would block the fusion);
-4. a ``Mul`` by a constant on a product that already has a constant factor joins that factor
-   (a smoothed Linear's ``1 / s`` after a GELU costs no pass of its own).
+   int32 accumulator; a float bias would block the fusion).
 
 Torch-free (onnx + numpy). Reading a QDQ file back, and what onnxruntime makes of it, is
 :mod:`slimline.export.qdq_inspect`.
@@ -248,59 +246,8 @@ def _quantize_biases(g: QDQGraph) -> tuple[int, float]:
     return count, worst
 
 
-def _merge_constant_muls(g: QDQGraph) -> int:
-    """Step 4: ``Mul(t, v)`` by a constant ``v``, where ``t`` is a product (single-consumer Muls,
-    two deep) with a constant factor ``c`` somewhere: ``c`` becomes ``c * v`` and the outer Mul
-    goes. Multiplication commutes, so the value is the same up to float rounding; what it saves
-    is a pass over the tensor. The case it exists for: a smoothed Linear reading a GELU output
-    (``x * (0.5 * (1 + erf(x / sqrt 2))) * (1 / s)``), whose ``1 / s`` joins the ``0.5``."""
-    outputs = {o.name for o in g.graph.output}
-    merged = 0
-    for node in [n for n in g.graph.node if n.op_type == "Mul"]:
-        constant = [i for i, name in enumerate(node.input) if g.const(name) is not None]
-        if len(constant) != 1 or node.output[0] in outputs:
-            continue
-        v = g.const(node.input[constant[0]])
-        found = _constant_factor(g, node.input[1 - constant[0]], depth=2)
-        if found is None or v is None or v.ndim > 1:
-            continue
-        chain, index = found
-        c = g.const(chain[-1].input[index])
-        if c is None or c.dtype != v.dtype or c.size != 1:
-            continue
-        name = g.add_initializer((c.reshape(()) * v).astype(v.dtype),
-                                 f"{chain[-1].name or chain[-1].output[0]}_times_constant")
-        chain[-1].input[index] = name
-        for link in chain:  # a [C] factor may broadcast a link's shape: forget the old ones
-            g.forget_shape(link.output[0])
-        g.remove_node(node)
-        g.rename_input(node.output[0], node.input[1 - constant[0]])
-        merged += 1
-    return merged
-
-
-def _constant_factor(
-    g: QDQGraph, name: str, depth: int
-) -> tuple[list[onnx.NodeProto], int] | None:
-    """The Muls from the producer of ``name`` down to one with a constant input (and that
-    input's index), each read only by the next; ``None`` if there is none within ``depth``."""
-    node = g.producer(name)
-    if node is None or node.op_type != "Mul" or len(g.consumers(name)) != 1:
-        return None
-    for index, operand in enumerate(node.input):
-        if g.const(operand) is not None:
-            return [node], index
-    if depth == 0:
-        return None
-    for operand in node.input:
-        found = _constant_factor(g, operand, depth - 1)
-        if found is not None:
-            return [node, *found[0]], found[1]
-    return None
-
-
 def finalize_qdq(model: onnx.ModelProto) -> dict[str, Any]:
-    """Rewrite a traced QDQ model in place (steps 1-4 of the module docstring), dropping the
+    """Rewrite a traced QDQ model in place (steps 1-3 of the module docstring), dropping the
     exporter's per-node provenance metadata (stack traces with local paths, module scopes).
 
     Returns counts of what was done and ``bias_max_error``, the largest difference between a
@@ -310,7 +257,6 @@ def finalize_qdq(model: onnx.ModelProto) -> dict[str, Any]:
     weights = _fold_constant_quantize(g)
     transposes = _fold_weight_transposes(g)
     biases, bias_error = _quantize_biases(g)
-    muls = _merge_constant_muls(g)
     g.drop_unused_initializers()
     for node in g.graph.node:  # exporter provenance (stack traces, local paths): not for deployment
         del node.metadata_props[:]
@@ -326,7 +272,6 @@ def finalize_qdq(model: onnx.ModelProto) -> dict[str, Any]:
         "transposes_folded": transposes,
         "biases_quantized": biases,
         "bias_max_error": bias_error,
-        "muls_merged": muls,
     }
 
 
