@@ -117,6 +117,48 @@ def test_state_round_trip_reattach_and_detach():
         assert torch.equal(copy_(x), model(x))
     detach_quantization(copy_)  # weights back to W (int8-rounded): the float model again
     assert _relative_error(copy_, reference, x) < 1e-3
+    attach_quantization(copy_, restored, scale_weights=True)  # and back onto W diag(s)
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), model(x), rtol=0, atol=1e-6)
+
+
+class _InPlaceResidual(nn.Module):
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.fc, self.in_place = nn.Linear(16, 16), in_place
+        gain = torch.ones(16)
+        gain[5] = 20.0
+        self.register_buffer("gain", gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.gain
+        if self.in_place:
+            h += self.fc(h)  # rewrites the tensor fc read, after it read it
+            return h
+        return h + self.fc(h)
+
+
+def test_statistics_are_what_the_layer_read_not_what_in_place_ops_left():
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 16)
+    divisors = {}
+    for in_place in (False, True):
+        torch.manual_seed(1)
+        model = _InPlaceResidual(in_place).eval()
+        divisors[in_place] = quantize_rtn(model, x, smoothing=0.5).state.smoothing["fc:input"]
+    torch.testing.assert_close(divisors[True], divisors[False])
+
+
+def test_auto_needs_enough_calibration_rows_and_skips_already_quantized_inputs():
+    torch.manual_seed(0)
+    few = quantize_rtn(OutlierBlock().eval(), _inputs(1, 1)[:, :4], smoothing="auto")
+    assert few.state.smoothing == {}  # 4 rows cannot tell an alpha from noise
+    # Linear -> ReLU -> Linear, traced: the ReLU output is quantized for the first layer's
+    # fused kernel anyway; smoothing the second would round that tensor twice
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    result = quantize_rtn(mlp, torch.randn(64, 8), smoothing=0.5)
+    assert set(result.state.smoothing) == {"0:input"}
+    assert "1:output" in result.state.activations
 
 
 def test_refuses_what_does_not_fit():
@@ -129,6 +171,9 @@ def test_refuses_what_does_not_fit():
         attach_quantization(model, QuantState(smoothing={":input": torch.ones(32)}))
     with pytest.raises(ParamError, match="smoothing"):
         RTNConfig(smoothing=1.5)
+    with pytest.raises(ParamError, match="smoothing"):
+        RTNConfig(smoothing=2)  # an int, as Python callers write it
+    assert RTNConfig(smoothing=1).smoothing == 1
     with pytest.raises(ParamError, match="smoothing"):
         slimline.params.parse_params(RTNConfig, {"smoothing": "on"})
 

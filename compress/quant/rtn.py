@@ -158,9 +158,7 @@ def quantize_rtn(
 
     divisors: dict[str, torch.Tensor] = {}
     if smoothing is not None:
-        pattern = re.compile(smoothing_layers) if smoothing_layers else None
-        linears = {n: m for n, m in targets.items()
-                   if isinstance(m, nn.Linear) and (pattern is None or pattern.search(n))}
+        linears = _smoothable(model, targets, smoothing_layers)
         divisors = choose_smoothing(
             model, linears, calibration,
             alpha=smoothing, activation_grid=activation_grid, batch_size=batch_size,
@@ -216,6 +214,20 @@ def quantize_rtn(
         plan=plan,
         unobserved=unobserved,
     )
+
+
+def _smoothable(model: nn.Module, targets: dict[str, nn.Module],
+                pattern: str | None) -> dict[str, nn.Linear]:
+    """The Linears smoothing may touch: matching ``pattern``, and not reading a tensor that is
+    quantized anyway (a Conv's or ReLU's output point): dividing an already quantized tensor
+    and quantizing it again only adds a rounding."""
+    regex = re.compile(pattern) if pattern else None
+    linears = {n: m for n, m in targets.items()
+               if isinstance(m, nn.Linear) and (regex is None or regex.search(n))}
+    plain = plan_activation_points(model, targets).module_inputs
+    kept = {p.key for p in plan_activation_points(model, targets, own_input=linears).points}
+    return {n: m for n, m in linears.items()
+            if not (n in plain and plain[n].where == "output" and plain[n].key in kept)}
 
 
 def quantization_targets(
@@ -314,8 +326,12 @@ class RTNConfig(MethodConfig):
             raise ParamError("calibration_samples", "must be at least 1")
         check_regex("skip", self.skip)
         check_regex("smoothing_layers", self.smoothing_layers)
-        if isinstance(self.smoothing, float) and not 0.0 <= self.smoothing <= 1.0:
-            raise ParamError("smoothing", f"alpha must be in [0, 1], got {self.smoothing}")
+        if self.smoothing not in ("off", "auto") and (
+            isinstance(self.smoothing, bool) or not isinstance(self.smoothing, (int, float))
+            or not 0.0 <= self.smoothing <= 1.0
+        ):
+            raise ParamError("smoothing", f"'off', 'auto' or an alpha in [0, 1], got "
+                                          f"{self.smoothing!r}")
 
 
 @register_quantizer(RTNConfig)

@@ -35,6 +35,7 @@ __all__ = ["AUTO_ALPHAS", "apply_smoothing", "choose_smoothing", "smoothquant_sc
 AUTO_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 _EPS = 1e-5
 _MAX_ROWS = 4096  # input rows per layer kept for the search: plenty for a max and an MSE
+_MIN_ROWS = 16  # fewer calibration rows than this: "auto" smooths nothing
 
 
 def smoothquant_scales(
@@ -118,11 +119,13 @@ def _best_alpha(
     """The alpha (or ``None``: no smoothing) with the lowest two-fold cross-validated error:
     ``s`` and the activation range from one half of the rows, the error on the other. On the
     rows it was fitted to, a large alpha always looks best; on unseen rows the flattened
-    channels clip (the calibration maxima were too tight), which this counts."""
+    channels clip (the calibration maxima were too tight), which this counts. The halves split
+    rows (a sequence model's tokens), not samples, so tokens of one sentence can fall in both:
+    the check is of unseen values more than of unseen inputs."""
+    if len(x) < _MIN_ROWS:
+        return None  # too few rows to tell an alpha from noise: leave the layer as it is
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     halves = (x[order[: len(x) // 2]], x[order[len(x) // 2:]])
-    if min(len(h) for h in halves) == 0:
-        halves = (x, x)
     folds = ((halves[0], halves[1]), (halves[1], halves[0]))
 
     def error(candidate: float | None) -> float:
@@ -171,7 +174,7 @@ def _group_inputs(
             rows = x.detach().reshape(-1, x.shape[-1]).float()
             if len(rows) > per_batch:
                 rows = rows[torch.randperm(len(rows), generator=generator)[:per_batch]]
-            seen[name].append(rows)
+            seen[name].append(rows.clone())  # a view would follow later in-place updates
         return hook
 
     handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]

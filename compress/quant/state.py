@@ -171,7 +171,7 @@ class _ActivationFakeQuant:
                     f"the {self.point} has {x.shape[-1]} channels in its last axis, its "
                     f"smoothing {self.inverse.numel()}"
                 )
-            x = x * self.inverse
+            x = x * self.inverse.to(x.device, x.dtype)  # no-op on CPU float32 (and in a trace)
         if self.spec is None:
             return x
         if _QDQ_TRACE.get():
@@ -214,7 +214,8 @@ def _hooks(model: nn.Module) -> Iterator[tuple[nn.Module, dict[int, Any], int]]:
 def detach_quantization(model: nn.Module) -> QuantState | None:
     """Remove the activation hooks and the state; returns the state. Weights stay baked, except
     that smoothed layers' weight columns are divided by their ``s`` again (without the hooks'
-    division of the input the model would compute something else)."""
+    division of the input the model would compute something else). To attach the state again,
+    pass ``scale_weights=True`` to :func:`attach_quantization`."""
     state = quantization_of(model)
     _detach_hooks(model)
     if state is not None and state.smoothing:
@@ -222,7 +223,7 @@ def detach_quantization(model: nn.Module) -> QuantState | None:
         with torch.no_grad():
             for key, divisor in state.smoothing.items():
                 weight = modules[TensorPoint.parse(key).module].weight
-                weight.div_(divisor.to(weight.dtype))
+                weight.div_(divisor.to(weight.device, weight.dtype))
     return state
 
 
@@ -232,11 +233,15 @@ def quantization_of(model: nn.Module) -> QuantState | None:
 
 
 @torch.no_grad()
-def attach_quantization(model: nn.Module, state: QuantState | dict[str, Any]) -> nn.Module:
+def attach_quantization(model: nn.Module, state: QuantState | dict[str, Any], *,
+                        scale_weights: bool = False) -> nn.Module:
     """Make ``model``'s forward run ``state``'s fake quantization (in place; returns ``model``).
 
     Parameters named in ``state.weights`` are set to their fake-quantized values, and each
-    activation point gets a hook. Attaching again replaces the previous hooks.
+    activation point gets a hook. Attaching again replaces the previous hooks. Smoothed
+    layers' weights are taken to hold ``W diag(s)`` already, as a quantizer or an Artifact
+    leaves them; ``scale_weights=True`` multiplies them by ``s`` first, for a float model (one
+    :func:`detach_quantization` returned, or the model the state was computed from).
 
     Raises:
         QuantStateError: a parameter or module named by the state is not in the model, or a
@@ -263,6 +268,10 @@ def attach_quantization(model: nn.Module, state: QuantState | dict[str, Any]) ->
             )
     _check_smoothing(state, modules, type(model).__name__)
     _detach_hooks(model)  # not detach_quantization: the weights already hold W diag(s)
+    if scale_weights:
+        for key, divisor in state.smoothing.items():
+            weight = modules[TensorPoint.parse(key).module].weight
+            weight.mul_(divisor.to(weight.device, weight.dtype))
     for name, spec in state.weights.items():
         parameters[name].copy_(spec.fake_quant(parameters[name]))
     specs: dict[str, QuantSpec | None] = dict(state.activations)
@@ -275,7 +284,7 @@ def attach_quantization(model: nn.Module, state: QuantState | dict[str, Any]) ->
         divisor = state.smoothing.get(key)
         inverse = None
         if divisor is not None:
-            divisor = divisor.float().contiguous()
+            divisor = divisor.detach().float().cpu().contiguous()
             inverse = inverses.setdefault(divisor.numpy().tobytes(), 1.0 / divisor)
         hook = _ActivationFakeQuant(spec, point, inverse)
         module = modules[point.module]
