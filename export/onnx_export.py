@@ -28,6 +28,7 @@ from torch import nn
 from .export_errors import eval_mode, export_error, reason
 from .feeds import PAD_ID_KEY
 from .graph import atomic_write_bytes
+from .graph_rewrites import fusable_gelu
 
 __all__ = ["MIN_OPSET", "export_onnx", "onnx_feeds", "onnx_inputs_of"]
 
@@ -122,6 +123,7 @@ def export_onnx(
         | ({PAD_ID_KEY: str(pad)} if isinstance(pad := getattr(model, "pad_token_id", None), int)
            else {}),
     )
+    fusable_gelu(proto)  # onnxruntime then runs each GELU (and the bias before it) as one op
     onnx.checker.check_model(proto)
     return atomic_write_bytes(path, proto.SerializeToString())
 

@@ -222,3 +222,24 @@ def _max_abs(model: nn.Module, inputs: torch.Tensor) -> float:
     for module, mode in was_training.items():
         module.training = mode
     return value
+
+
+def test_gelu_is_exported_in_the_grouping_onnxruntime_fuses(tmp_path):
+    """torch writes x * (0.5 * (1 + erf(x / sqrt 2))); regrouped as (x * 0.5) * (...),
+    onnxruntime runs the Linear's bias and the GELU as one BiasGelu (before: six ops)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(5, 8)
+    path = export_onnx(model, x, tmp_path / "gelu.onnx")
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node].count("Erf") == 1
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "Erf" not in fused and {"BiasGelu", "Gelu"} & set(fused), fused
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), rtol=1e-5, atol=1e-6)
