@@ -10,11 +10,10 @@ multiplied in another order (float rounding only).
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .qdq import QDQGraph
 
 __all__ = ["fusable_gelu"]
 
@@ -24,28 +23,20 @@ def fusable_gelu(model: onnx.ModelProto) -> int:
     ``(x * 0.5) * (1 + erf(x / c))``; returns how many. Only the pattern's own single-consumer
     intermediates are touched; anything else read by another node is left as it is."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    g = QDQGraph(graph)  # the QDQ rewrite's lookups: constants, producers, consumers
 
     def scalar(name: str) -> float | None:
-        value = constants.get(name)
+        value = g.const(name)
         return float(value) if value is not None and np.size(value) == 1 else None
 
     def only_user(name: str) -> onnx.NodeProto | None:
-        users = consumers.get(name, [])
+        users = g.consumers(name)
         return users[0] if len(users) == 1 else None
 
     outputs = {o.name for o in graph.output}
     rewritten = 0
     for erf in [n for n in graph.node if n.op_type == "Erf"]:
-        div = producer.get(erf.input[0])
+        div = g.producer(erf.input[0])
         if div is None or div.op_type != "Div" or not np.isclose(scalar(div.input[1]) or 0.0,
                                                                    np.sqrt(2.0)):
             continue

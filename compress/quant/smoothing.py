@@ -60,12 +60,15 @@ def smoothing_error(
     activation_grid: Callable[[float, float], QuantSpec],
     *,
     ranges_from: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
 ) -> float:
     """Mean squared error of ``x @ weight.T`` when ``x / s`` and ``weight * s`` are fake-quantized
     (``weight_grid``: per-channel spec of a weight; ``activation_grid``: spec from a min/max).
     The activation grid covers ``ranges_from / s`` (default: ``x`` itself); rows outside it
-    are clipped, as unseen inputs are at run time."""
-    reference = x @ weight.T
+    are clipped, as unseen inputs are at run time. ``reference``: ``x @ weight.T`` if the
+    caller already has it (it does not depend on ``s``)."""
+    if reference is None:
+        reference = x @ weight.T
     fitted = x if ranges_from is None else ranges_from
     if scales is not None:
         x, fitted, weight = x / scales, fitted / scales, weight * scales
@@ -126,15 +129,19 @@ def _best_alpha(
         return None  # too few rows to tell an alpha from noise: leave the layer as it is
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     halves = (x[order[: len(x) // 2]], x[order[len(x) // 2:]])
-    folds = ((halves[0], halves[1]), (halves[1], halves[0]))
+    # per fold, what does not depend on alpha: the fit half's channel maxima and the float
+    # outputs on the test half
+    folds = [(fit, test, fit.abs().amax(dim=0), {n: test @ w.T for n, w in weights.items()})
+             for fit, test in ((halves[0], halves[1]), (halves[1], halves[0]))]
 
     def error(candidate: float | None) -> float:
         total = 0.0
-        for fit, test in folds:
+        for fit, test, fit_max, references in folds:
             scales = (None if candidate is None else
-                      smoothquant_scales(fit.abs().amax(dim=0), weight_max, candidate))
+                      smoothquant_scales(fit_max, weight_max, candidate))
             total += sum(smoothing_error(test, w, scales, lambda v, n=name: weight_grid(n, v),
-                                         activation_grid, ranges_from=fit)
+                                         activation_grid, ranges_from=fit,
+                                         reference=references[name])
                          for name, w in weights.items())
         return total
 
