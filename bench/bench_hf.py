@@ -15,7 +15,8 @@ tokenizer to 32 tokens. No method trains; the only data any method sees is ``cal
   token ids, and on the 64 calibration sentences) at 30/50/70 % of the prunable weights
   (attention and FFN Linears; embeddings and LayerNorms stay dense);
 * int8: ours (quant.rtn: per-channel weights on this CPU's grid, uint8 activations calibrated on
-  64 sentences; int8 QDQ ONNX), plain and with SmoothQuant (``smoothing: auto``; on all
+  64 sentences; int8 ONNX, as plain QDQ and with ``int8_ops: onnxruntime``: MatMul + bias as
+  one ``MatMulIntegerToFloat``), plain and with SmoothQuant (``smoothing: auto``; on all
   Linears, and on the LayerNorm-fed ones only: fewer Muls), vs onnxruntime
   ``quantize_dynamic`` (per-channel) on the same fp32 file: latency at batch 1 and 8, file
   size, fidelity vs fp32 (all run by onnxruntime);
@@ -68,11 +69,12 @@ ALLOCATIONS = {
 }
 DP = {"samples": 16, "grid": 21, "refine": 0, "additivity_samples": 0}
 CHANNEL_RATIOS = (0.25, 0.5, 0.75)
-SMOOTHING = {  # quant.rtn variants of the int8 part
-    "ours int8": {"smoothing": "off"},
-    "ours int8, smoothing auto": {"smoothing": "auto"},
-    "ours int8, smoothing auto on LayerNorm-fed Linears": {
-        "smoothing": "auto", "smoothing_layers": r"query|key|value|intermediate"},
+SMOOTHING = {  # quant.rtn variants of the int8 part -> the int8_ops each is exported with
+    "ours int8": ({"smoothing": "off"}, ("qdq", "onnxruntime")),
+    "ours int8, smoothing auto": ({"smoothing": "auto"}, ("qdq", "onnxruntime")),
+    "ours int8, smoothing auto on LayerNorm-fed Linears": (
+        {"smoothing": "auto", "smoothing_layers": r"query|key|value|intermediate"},
+        ("onnxruntime",)),
 }
 
 
@@ -155,16 +157,19 @@ def int8(base: torch.nn.Module, data: Dataset, x: torch.Tensor, dense: torch.Ten
     fp32 = slimline.export_model(base, example, work / "fp32.onnx", parity_inputs=x[:16]).path
     times["export fp32"] = time.perf_counter() - start
     paths = {"fp32": fp32}
-    for name, options in SMOOTHING.items():
+    for name, (options, int8_ops) in SMOOTHING.items():
         model = copy.deepcopy(base)
         start = time.perf_counter()
         slimline.quantize(model, RTNConfig(calibration_samples=64, **options), data=data)
         times[f"quant.rtn ({name})"] = time.perf_counter() - start
-        start = time.perf_counter()
-        ours = slimline.export_model(model, example, work / f"int8_{len(paths)}.onnx",
-                                     ExportConfig(format="int8"), parity_inputs=x[:32])
-        times[f"export int8, {name} (with parity)"] = time.perf_counter() - start
-        paths[name] = ours.path
+        for ops in int8_ops:
+            start = time.perf_counter()
+            ours = slimline.export_model(model, example, work / f"int8_{len(paths)}.onnx",
+                                         ExportConfig(format="int8", int8_ops=ops),
+                                         parity_inputs=x[:32])
+            times[f"export int8, {name}, int8_ops {ops} (with parity)"] = (
+                time.perf_counter() - start)
+            paths[f"{name} (int8_ops: {ops})"] = ours.path
     start = time.perf_counter()
     paths["ORT dynamic"] = ort_quantize(fp32, work / "ort_dynamic.onnx", calibration=None,
                                         mode="dynamic", per_channel=True)

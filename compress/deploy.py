@@ -54,12 +54,21 @@ class ExportConfig:
         0.98, help="int8 parity of embedding models (output_kind 'embedding', e.g. an hf "
         "feature-extraction model): least cosine of any onnxruntime int8 row vs fake-quant"
     )
+    int8_ops: Literal["qdq", "onnxruntime"] = param(
+        "qdq", help="int8 only. qdq: standard QuantizeLinear/DequantizeLinear, read by every "
+        "ONNX runtime (onnxruntime fuses them, but runs each MatMul's bias as its own Add); "
+        "onnxruntime: each Linear's MatMul and bias as onnxruntime's com.microsoft."
+        "MatMulIntegerToFloat (about 5% faster on transformers; the file runs on onnxruntime only)"
+    )
     parity_samples: int = param(64, help="test-split samples used for the parity check (stage)")
     filename: str = param("model.onnx", help="name of the exported file in the stage directory")
 
     def __post_init__(self) -> None:
         if self.opset < 17:
             raise ParamError("opset", f"must be at least 17, got {self.opset}")
+        if self.int8_ops != "qdq" and self.format != "int8":
+            raise ParamError("int8_ops", f"{self.int8_ops!r} applies to format int8 only "
+                             f"(this export is format {self.format})")
         if self.parity_samples < 1:
             raise ParamError("parity_samples", "must be at least 1")
         check_range("int8_min_agreement", self.int8_min_agreement, 0.0, 1.0)
@@ -207,6 +216,7 @@ def _export_int8(model: nn.Module, example_input: torch.Tensor, path: Path, p: E
     """Write the int8 QDQ file; the int8-specific metrics."""
     from slimline.compress.quant import QDQExportError, export_qdq_onnx
     from slimline.compress.quant.state import quantization_of
+    from slimline.export.ort_contrib import fuse_matmul_bias_file
     from slimline.export.qdq_inspect import (
         FLOAT_KERNEL_OPS,
         INT8_KERNEL_OPS,
@@ -227,6 +237,7 @@ def _export_int8(model: nn.Module, example_input: torch.Tensor, path: Path, p: E
     except QDQExportError as exc:
         path.unlink(missing_ok=True)
         raise MethodError(str(exc)) from None
+    contrib = fuse_matmul_bias_file(path) if p.int8_ops == "onnxruntime" else 0
     qdq = qdq_summary(path)
     runtime_ops = ort_optimized_op_counts(path)
     bits = state.info.get("weight_bits")
@@ -246,7 +257,10 @@ def _export_int8(model: nn.Module, example_input: torch.Tensor, path: Path, p: E
         "bias_max_error": report["bias_max_error"],
         "target": report["target"],
         "int8_scheme": target.scheme.reason,
+        "int8_ops": p.int8_ops,
     }
+    if p.int8_ops == "onnxruntime":
+        metrics["contrib_matmuls"] = contrib  # MatMul + bias as one MatMulIntegerToFloat
     float_matmuls = metrics["ort_float_ops"].get("MatMul", 0)
     if float_matmuls:
         # Transformers: QK^T and probs.V multiply two activations; only weight layers carry

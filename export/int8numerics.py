@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .graph import load_model
+from .ort_contrib import as_qdq
 from .target import Target, WeightKernel, target_for_machine
 
 __all__ = [
@@ -102,7 +103,8 @@ def weight_kernel(op_type: str, weight_shape: Sequence[int], group: int = 1) -> 
 
 
 # (op type, index of its integer weight input) for formats that store it on the node itself.
-_QOPERATOR_WEIGHT = {"QLinearConv": 3, "QLinearMatMul": 3, "ConvInteger": 1, "MatMulInteger": 1}
+_QOPERATOR_WEIGHT = {"QLinearConv": 3, "QLinearMatMul": 3, "ConvInteger": 1, "MatMulInteger": 1,
+                     "MatMulIntegerToFloat": 1}
 _FLOAT_COMPUTE = ("Conv", "Gemm", "MatMul")
 
 
@@ -187,7 +189,7 @@ def reference_outputs(
 ) -> list[np.ndarray]:
     """The file's outputs computed as written (no graph optimizations, so no fused integer
     kernels): what the QDQ graph means, independent of this CPU's int8 instructions."""
-    return _session(load_model(path), optimize=False).run(None, dict(feed))
+    return _session(as_qdq(load_model(path)), optimize=False).run(None, dict(feed))
 
 
 def first_divergence(
@@ -217,7 +219,7 @@ def first_divergence(
         graph.output.append(helper.make_tensor_value_info(node.output[0], elem, None))
     names = [o.name for o in graph.output]
     fused = dict(zip(names, _session(model, optimize=True).run(names, dict(feed))))
-    reference = dict(zip(names, _session(model, optimize=False).run(names, dict(feed))))
+    reference = dict(zip(names, _session(as_qdq(model), optimize=False).run(names, dict(feed))))
     for checked, node in enumerate(points, start=1):
         name = node.output[0]
         diff = np.abs(fused[name].astype(np.int32) - reference[name].astype(np.int32))

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from .graph import load_model
+from .ort_contrib import as_qdq
 from .qdq import QDQGraph, node_axis
 
 __all__ = [
@@ -67,9 +68,11 @@ class QDQSummary:
 
 
 def qdq_summary(model: onnx.ModelProto | str | os.PathLike) -> QDQSummary:
-    """Summarise the QDQ structure of ``model`` (a proto or a path)."""
+    """Summarise the QDQ structure of ``model`` (a proto or a path; contrib int8 MatMuls count
+    as their QDQ form, :func:`~slimline.export.ort_contrib.as_qdq`)."""
     if not isinstance(model, onnx.ModelProto):
         model = load_model(model)
+    model = as_qdq(model)
     g = QDQGraph(model.graph)
     activations, weights, biases = [], {}, 0
     zeros = total = 0

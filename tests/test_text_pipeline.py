@@ -53,7 +53,11 @@ def test_text_model_recipe_runs_every_stage(tmp_path: Path):
     names = [i.name for i in fp32.graph.input]
     assert names == ["input_ids", "attention_mask"]
     assert fp32.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
-    assert result.record("export_int8").metrics["int8_weights"] >= 10
+    int8 = result.record("export_int8").metrics
+    assert int8["int8_weights"] >= 10
+    # as shipped: every biased Linear as onnxruntime's MatMulIntegerToFloat, bias inside
+    assert int8["int8_ops"] == "onnxruntime"
+    assert int8["op_counts"]["com.microsoft.MatMulIntegerToFloat"] == int8["contrib_matmuls"] >= 10
     int8_eval = result.record("eval_int8_onnx").metrics
     assert int8_eval["cosine_mean"] > 0.9  # int8 of the pruned model vs the pruned model
 
