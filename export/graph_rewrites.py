@@ -6,6 +6,13 @@ and ``(x * (1 + erf(...))) * 0.5`` but not this grouping, so every GELU ran as f
 Erf, Add, Mul, Mul), and the Linear's bias before it as a sixth. Regrouped, onnxruntime runs one
 ``BiasGelu`` (bias add and GELU in one pass) or ``Gelu``. The value is the same product,
 multiplied in another order (float rounding only).
+
+:func:`fold_scale_into_layernorm`: a SmoothQuant divisor is a per-channel ``Mul`` before the
+smoothed Linears' QuantizeLinear (one pass over the activation per smoothed input). Where that
+input is a LayerNorm's output read by nothing else (pre-LN transformers: ViT, GPT-2, Llama-style),
+``LN(x; g, b) * c = LN(x; g * c, b * c)``: the divisor becomes part of the LayerNorm's affine
+weights, which is how Xiao et al. (2023, sec. 4) deploy it, and the Mul is gone. (Post-LN BERT
+reads the LayerNorm's output in the residual too, so its Muls stay.)
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import onnx
 
 from .qdq import QDQGraph
 
-__all__ = ["fusable_gelu"]
+__all__ = ["fold_scale_into_layernorm", "fusable_gelu"]
 
 
 def fusable_gelu(model: onnx.ModelProto) -> int:
@@ -63,3 +70,48 @@ def _other(node: onnx.NodeProto, name: str) -> str:
     """The input of a two-input ``node`` that is not ``name`` (``name`` itself if both are)."""
     first, second = node.input[0], node.input[1]
     return second if first == name else first
+
+
+def fold_scale_into_layernorm(model: onnx.ModelProto) -> int:
+    """Fold every constant per-channel ``Mul`` of ``model``'s main graph whose other input is a
+    ``LayerNormalization`` output read by that Mul alone into the LayerNorm's scale and bias (in
+    place); returns how many. The LayerNorm must normalize the last axis and the factor hold one
+    value per channel of it (or one value)."""
+    graph = model.graph
+    g = QDQGraph(graph)
+    outputs = {o.name for o in graph.output}
+    folded = 0
+    for mul in [n for n in graph.node if n.op_type == "Mul" and not n.domain]:
+        norm = next((p for p in map(g.producer, mul.input)
+                     if p is not None and p.op_type == "LayerNormalization" and not p.domain), None)
+        if norm is None or not _folds(g, norm, mul, outputs):
+            continue
+        factor = g.const(_other(mul, norm.output[0])).astype(np.float32).reshape(-1)
+        gamma = g.const(norm.input[1]).astype(np.float32)
+        inputs = [norm.input[0], g.add_initializer(gamma * factor, f"{norm.input[1]}_smoothed")]
+        if len(norm.input) > 2 and norm.input[2]:
+            beta = g.const(norm.input[2]).astype(np.float32)
+            inputs.append(g.add_initializer(beta * factor, f"{norm.input[2]}_smoothed"))
+        norm.input[:] = inputs
+        g.forget_shape(norm.output[0])
+        g.rename_input(mul.output[0], norm.output[0])
+        g.remove_node(mul)
+        folded += 1
+    if folded:
+        g.drop_unused_initializers()
+    return folded
+
+
+def _folds(g: QDQGraph, norm: onnx.NodeProto, mul: onnx.NodeProto, outputs: set[str]) -> bool:
+    y = norm.output[0]
+    if len(g.consumers(y)) != 1 or y in outputs or any(o for o in norm.output[1:]):
+        return False
+    if next((a.i for a in norm.attribute if a.name == "axis"), -1) != -1:
+        return False
+    factor, gamma = g.const(_other(mul, y)), g.const(norm.input[1])
+    if factor is None or gamma is None or gamma.ndim != 1 or factor.dtype != np.float32:
+        return False
+    if mul.output[0] in outputs:
+        return False
+    leading = factor.shape[:-1]
+    return factor.size == 1 or (factor.shape[-1] == gamma.shape[0] and all(d == 1 for d in leading))

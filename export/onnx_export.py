@@ -28,7 +28,7 @@ from torch import nn
 from .export_errors import eval_mode, export_error, reason
 from .feeds import PAD_ID_KEY
 from .graph import atomic_write_bytes
-from .graph_rewrites import fusable_gelu
+from .graph_rewrites import fold_scale_into_layernorm, fusable_gelu
 
 __all__ = ["MIN_OPSET", "export_onnx", "onnx_feeds", "onnx_inputs_of"]
 
@@ -124,6 +124,7 @@ def export_onnx(
            else {}),
     )
     fusable_gelu(proto)  # onnxruntime then runs each GELU (and the bias before it) as one op
+    fold_scale_into_layernorm(proto)  # a SmoothQuant divisor on a LayerNorm: one pass fewer
     onnx.checker.check_model(proto)
     return atomic_write_bytes(path, proto.SerializeToString())
 

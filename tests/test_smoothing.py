@@ -201,6 +201,46 @@ def test_int8_file_runs_the_smoothing_and_matches_pytorch(tmp_path: Path):
     assert abs(out - expected).max() < 1e-3 * abs(expected).max()
 
 
+class NormBlock(nn.Module):
+    """LayerNorm -> q/k/v (pre-LN, as ViT/GPT-2), or post-LN with the residual reading it too."""
+
+    def __init__(self, residual: bool, width: int = 32):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.residual = residual
+        with torch.no_grad():
+            self.norm.weight[[3, 11, 20]] = 30.0  # outlier channels, as BERT's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        out = self.q(h) + self.k(h) * self.v(h).sigmoid()
+        return out + h if self.residual else out
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["pre-ln", "post-ln"])
+def test_divisor_of_a_layernorm_read_by_the_linears_alone_is_folded_into_it(residual, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from slimline.compress.deploy import ExportConfig
+
+    torch.manual_seed(0)
+    model = NormBlock(residual).eval()
+    quantize_rtn(model, _inputs(64, 1), smoothing=0.5)
+    x = _inputs(16, 4)
+    exported = slimline.export_model(model, x[:1], tmp_path / "int8.onnx",
+                                     ExportConfig(format="int8"), parity_inputs=x)
+    graph = onnx.load(str(exported.path)).graph
+    norm = next(n for n in graph.node if n.op_type == "LayerNormalization")
+    readers = [n.op_type for n in graph.node if norm.output[0] in n.input]
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    if residual:  # the residual needs the unscaled output: the divisor stays a Mul
+        assert sorted(readers) == ["Add", "Mul"]
+    else:  # LN(x; g, b) / s = LN(x; g / s, b / s): the QuantizeLinear reads the LayerNorm
+        assert readers == ["QuantizeLinear"]
+        assert constants[norm.input[1]][3] < 30.0 and norm.input[1].endswith("_smoothed")
+    assert exported.metrics["max_rel_diff"] < 0.02  # parity with PyTorch, checked by the export
+
+
 def test_recipe_option_reaches_the_quantizer():
     torch.manual_seed(0)
     model = OutlierBlock().eval()
