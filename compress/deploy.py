@@ -160,6 +160,7 @@ def export_model(
         "top1_agreement": parity.top1_agreement,
         "cosine_min": parity.cosine_min,
         "parity_samples": int(samples.shape[0]),
+        **({"outputs": "embedding"} if embedding else {}),  # parity judged by cosine
         **int8,
     }
     if config.format == "int8":

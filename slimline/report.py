@@ -152,8 +152,10 @@ def _details(record: StageRecord) -> list[str]:
                          "distortion over random allocations)")
         out.append("- " + "; ".join(parts))
     if "max_abs_diff" in m:
-        out.append(f"- parity vs PyTorch: max |diff| {m['max_abs_diff']:.3g}, top-1 agreement "
-                   f"{_pct(m['top1_agreement'])} on {m['parity_samples']} samples")
+        agreement = (f"least cosine {m['cosine_min']:.4f}" if m.get("outputs") == "embedding"
+                     else f"top-1 agreement {_pct(m['top1_agreement'])}")
+        out.append(f"- parity vs PyTorch: max |diff| {m['max_abs_diff']:.3g}, {agreement} "
+                   f"on {m['parity_samples']} samples")
         out.append(f"- ONNX: {_size(m['onnx_bytes'])}, {_int(m['onnx_parameters'])} parameters, "
                    f"weight sparsity in the initializers {_pct(m['onnx_sparsity'])}; ops: "
                    + ", ".join(f"{k}×{v}" for k, v in sorted(m["op_counts"].items())))

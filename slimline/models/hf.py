@@ -27,8 +27,10 @@ it, never a download.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,6 +83,21 @@ def _offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars off (and back as they were): loading a local checkpoint
+    takes milliseconds, and the stage's progress line already says what is running."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def build_hf_model(spec: dict[str, Any]) -> nn.Module:
     """Build the wrapped model of a ``{"hf": path | "hf_config": {...}, "task": ..., "with":
     {...}}`` spec (weights from the directory, or random init from the config)."""
@@ -103,7 +120,8 @@ def build_hf_model(spec: dict[str, Any]) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         _apply_options(config, options)
         try:
-            model = auto.from_pretrained(path, config=config, local_files_only=True)
+            with quiet_transformers():
+                model = auto.from_pretrained(path, config=config, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise HFModelError(f"{path}: transformers cannot load it: "
                                f"{str(exc).splitlines()[0][:300]}") from None

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from slimline.io import atomic_dir
+from slimline.models.hf import quiet_transformers
 
 __all__ = ["HFSaveError", "TOKENIZER_FILES", "save_hf_pretrained"]
 
@@ -190,7 +191,8 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, *,
             raise HFSaveError(f"{len(unexpected)} weights of the model have no place in "
                               f"{type(inner).__name__} (e.g. {unexpected[0]}): a module was "
                               "replaced or wrapped; nothing was written")
-        shell.save_pretrained(tmp, safe_serialization=True)
+        with quiet_transformers():
+            shell.save_pretrained(tmp, safe_serialization=True)
         copied = []
         for name in TOKENIZER_FILES if source is not None else ():
             if (Path(source) / name).is_file():
@@ -256,7 +258,8 @@ def _reload_diff(model: nn.Module, inner: nn.Module, path: Path, x: torch.Tensor
     checkpoint (Conv1D layers linearised again, as slimline built the original)."""
     from slimline.models.hf import linearize_conv1d
 
-    reloaded = type(inner).from_pretrained(path, local_files_only=True).eval()
+    with quiet_transformers():
+        reloaded = type(inner).from_pretrained(path, local_files_only=True).eval()
     linearize_conv1d(reloaded)
     if getattr(inner, "pooler", "absent") is None:
         reloaded.pooler = None
