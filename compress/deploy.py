@@ -163,7 +163,9 @@ def export_model(
         **({"outputs": "embedding"} if embedding else {}),  # parity judged by cosine
         **int8,
     }
-    if config.format == "int8":
+    if config.format == "int8":  # the file's own Q/DQ nodes (qdq_summary reads its QDQ form)
+        metrics["quantize_nodes"] = summary.quantize_nodes
+        metrics["dequantize_nodes"] = summary.dequantize_nodes
         metrics["parity_backend"] = (
             "onnxruntime" if exact_here else "onnxruntime reference (unfused QDQ)"
         )
@@ -245,8 +247,6 @@ def _export_int8(model: nn.Module, example_input: torch.Tensor, path: Path, p: E
     metrics = {
         # Literal zeros of the integer weights (zero point 0): pruned weights survive int8.
         "onnx_sparsity": qdq.weight_sparsity,
-        "quantize_nodes": qdq.quantize_nodes,
-        "dequantize_nodes": qdq.dequantize_nodes,
         "int8_weights": len(qdq.weights),
         "int32_biases": qdq.int32_biases,
         "float_weights": qdq.float_weights,

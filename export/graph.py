@@ -283,23 +283,30 @@ def _dequantized_zero_points(
     graph: onnx.GraphProto, arrays: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """Int8 initializer name -> its zero point, broadcastable to it, for every int8 weight a
-    DequantizeLinear reads (an absent zero point is 0; per-channel ones follow ``axis``)."""
+    DequantizeLinear (or an onnxruntime ``MatMulIntegerToFloat``, as its B) reads (an absent
+    zero point is 0; per-channel ones follow ``axis``)."""
     zero_points = {}
     for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+        # (weight input, zero point input, the axis a per-channel zero point runs along)
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+            w_in, z_in = 0, 2
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        elif node.op_type == "MatMulIntegerToFloat" and node.domain == "com.microsoft":
+            w_in, z_in, axis = 1, 5, -1  # export/ort_contrib.py: B with per-column zero points
+        else:
             continue
-        weight = arrays.get(node.input[0])
+        weight = arrays.get(node.input[w_in]) if len(node.input) > w_in else None
         if weight is None or weight.dtype not in (np.int8, np.uint8):
             continue
-        zero = arrays.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        zero = arrays.get(node.input[z_in]) if len(node.input) > z_in and node.input[z_in] else None
         if zero is None:
             zero = np.zeros((), weight.dtype)
         elif zero.ndim == 1 and zero.size > 1 and weight.ndim > 1:
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % weight.ndim
+            axis %= weight.ndim
             shape = [1] * weight.ndim
             shape[axis] = zero.size
             zero = zero.reshape(shape)
-        zero_points[node.input[0]] = zero
+        zero_points[node.input[w_in]] = zero
     return zero_points
 
 

@@ -38,7 +38,7 @@ def fusable_gelu(model: onnx.ModelProto) -> int:
 
     def only_user(name: str) -> onnx.NodeProto | None:
         users = g.consumers(name)
-        return users[0] if len(users) == 1 else None
+        return users[0] if len(users) == 1 and name not in g.captured else None
 
     outputs = {o.name for o in graph.output}
     rewritten = 0
@@ -75,8 +75,8 @@ def _other(node: onnx.NodeProto, name: str) -> str:
 def fold_scale_into_layernorm(model: onnx.ModelProto) -> int:
     """Fold every constant per-channel ``Mul`` of ``model``'s main graph whose other input is a
     ``LayerNormalization`` output read by that Mul alone into the LayerNorm's scale and bias (in
-    place); returns how many. The LayerNorm must normalize the last axis and the factor hold one
-    value per channel of it (or one value)."""
+    place); returns how many. The LayerNorm must normalize the last axis and the factor be a
+    vector with one value per channel of it, or one value."""
     graph = model.graph
     g = QDQGraph(graph)
     outputs = {o.name for o in graph.output}
@@ -94,7 +94,7 @@ def fold_scale_into_layernorm(model: onnx.ModelProto) -> int:
             inputs.append(g.add_initializer(beta * factor, f"{norm.input[2]}_smoothed"))
         norm.input[:] = inputs
         g.forget_shape(norm.output[0])
-        g.rename_input(mul.output[0], norm.output[0])
+        norm.output[0] = mul.output[0]  # the Mul was its only reader: the LayerNorm is it now
         g.remove_node(mul)
         folded += 1
     if folded:
@@ -104,14 +104,14 @@ def fold_scale_into_layernorm(model: onnx.ModelProto) -> int:
 
 def _folds(g: QDQGraph, norm: onnx.NodeProto, mul: onnx.NodeProto, outputs: set[str]) -> bool:
     y = norm.output[0]
-    if len(g.consumers(y)) != 1 or y in outputs or any(o for o in norm.output[1:]):
+    if (len(g.consumers(y)) != 1 or y in outputs or any(o for o in norm.output[1:])
+            or y in g.captured):
         return False
     if next((a.i for a in norm.attribute if a.name == "axis"), -1) != -1:
         return False
     factor, gamma = g.const(_other(mul, y)), g.const(norm.input[1])
     if factor is None or gamma is None or gamma.ndim != 1 or factor.dtype != np.float32:
         return False
-    if mul.output[0] in outputs:
-        return False
-    leading = factor.shape[:-1]
-    return factor.size == 1 or (factor.shape[-1] == gamma.shape[0] and all(d == 1 for d in leading))
+    # A factor of higher rank would broadcast the product to more dimensions than the
+    # LayerNorm's output has: folded, that dimension would be lost.
+    return factor.ndim <= 1 and factor.size in (1, gamma.shape[0])

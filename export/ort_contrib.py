@@ -83,7 +83,8 @@ def fuse_matmul_bias(model: onnx.ModelProto) -> int:
         g.remove_node(add)
         g.remove_node(matmul)
         for dq in (dq_x, dq_w):
-            if not g.consumers(dq.output[0]) and dq.output[0] not in outputs:
+            if (not g.consumers(dq.output[0]) and dq.output[0] not in outputs
+                    and dq.output[0] not in g.captured):
                 g.remove_node(dq)
         fused += 1
     g.drop_unused_initializers()  # and the shapes recorded for the removed intermediates
@@ -103,10 +104,13 @@ def _match(g: QDQGraph, matmul: onnx.NodeProto, outputs: set[str]
     weight = g.const(dq_w.input[0])
     if weight is None or weight.ndim != 2 or weight.dtype not in (np.int8, np.uint8):
         return None
+    if _dtype(g, dq_x) == np.int8 and weight.dtype == np.uint8:
+        return None  # the one pair onnxruntime's kernel does not implement
     if not (_per_tensor(g, dq_w) or _per_column(g, dq_w, weight.shape[1])):
         return None
     users = g.consumers(matmul.output[0])
-    if len(users) != 1 or users[0].op_type != "Add" or matmul.output[0] in outputs:
+    if (len(users) != 1 or users[0].op_type != "Add" or matmul.output[0] in outputs
+            or matmul.output[0] in g.captured):
         return None
     add = users[0]
     bias = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
@@ -127,6 +131,12 @@ def _per_column(g: QDQGraph, dq: onnx.NodeProto, columns: int) -> bool:
             and node_axis(dq) in (1, -1))
 
 
+def _dtype(g: QDQGraph, dq: onnx.NodeProto) -> type:
+    """The integer type a DequantizeLinear reads (its zero point's; uint8 without one)."""
+    zero_point = g.const(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+    return zero_point.dtype.type if zero_point is not None else np.uint8
+
+
 def _input(node: onnx.NodeProto, index: int) -> str:
     return node.input[index] if len(node.input) > index else ""
 
@@ -134,11 +144,12 @@ def _input(node: onnx.NodeProto, index: int) -> str:
 def unfuse_matmul_bias(model: onnx.ModelProto) -> int:
     """Write every ``com.microsoft.MatMulIntegerToFloat`` of ``model``'s main graph (in place)
     back as ``DequantizeLinear`` x2 -> ``MatMul`` (-> ``Add`` of the bias); returns how many.
-    The inverse of :func:`fuse_matmul_bias` (and valid for the op wherever it came from)."""
+    The inverse of :func:`fuse_matmul_bias`: only nodes of the form it writes (per-tensor A,
+    2-D integer B scaled per tensor or per column) are rewritten; others stay as they are."""
     g = QDQGraph(model.graph)
     nodes = model.graph.node
     count = 0
-    for fused in [n for n in nodes if _is_fused(n)]:
+    for fused in [n for n in nodes if _is_fused(n) and _written_by_fuse(g, n)]:
         a, b, a_scale, b_scale = fused.input[:4]
         a_zp, b_zp, bias = (_input(fused, i) for i in (4, 5, 6))
         stem = g.unique(fused.name or fused.output[0])
@@ -160,6 +171,14 @@ def unfuse_matmul_bias(model: onnx.ModelProto) -> int:
             nodes.insert(position + offset, node)
         count += 1
     return count
+
+
+def _written_by_fuse(g: QDQGraph, node: onnx.NodeProto) -> bool:
+    a_scale, weight, b_scale = g.const(node.input[2]), g.const(node.input[1]), g.const(
+        node.input[3])
+    if a_scale is None or a_scale.size != 1 or weight is None or weight.ndim != 2:
+        return False
+    return b_scale is not None and (b_scale.size == 1 or b_scale.shape == (weight.shape[1],))
 
 
 def as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -44,10 +44,14 @@ class QDQGraph:
 
     graph: onnx.GraphProto
     inits: dict[str, onnx.TensorProto] = field(init=False)
+    captured: set[str] = field(init=False)
     constants: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
         self.inits = {t.name: t for t in self.graph.initializer}
+        # Names an If/Loop/Scan body reads from this graph: consumers() does not see those
+        # readers, so a rewrite must leave these tensors as they are.
+        self.captured = _subgraph_reads(self.graph)
         self.constants = {}
         for node in self.graph.node:  # Constant nodes hold scales in some exporter versions
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -91,13 +95,27 @@ class QDQGraph:
             self.graph.value_info.remove(info)
 
     def drop_unused_initializers(self) -> None:
-        used = {i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+        used = ({i for n in self.graph.node for i in n.input} | {o.name for o in self.graph.output}
+                | self.captured)
         for tensor in [t for t in self.graph.initializer if t.name not in used]:
             self.graph.initializer.remove(tensor)
             self.inits.pop(tensor.name, None)
         produced = {o for n in self.graph.node for o in n.output}
         for info in [v for v in self.graph.value_info if v.name not in produced]:
             self.graph.value_info.remove(info)  # shapes of tensors the rewrite removed
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of a subgraph (at any depth) of ``graph``'s nodes."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                names.update(i for n in body.node for i in n.input)
+                names.update(o.name for o in body.output)
+                names |= _subgraph_reads(body)
+    return names
 
 
 def _quantize(

@@ -27,18 +27,21 @@ def predict_onnx(path: str | Path, inputs: torch.Tensor, batch_size: int = 256, 
                  optimize: bool = True, model: nn.Module | None = None) -> torch.Tensor:
     """Logits of an ONNX file run by onnxruntime on CPU (what a deployment would compute).
     ``optimize=False``: without graph optimizations, so an int8 file runs its QDQ graph as
-    written instead of this CPU's fused integer kernels (for a file made for another CPU).
+    written instead of this CPU's fused integer kernels (for a file made for another CPU; one
+    with onnxruntime's int8 contrib MatMuls runs as its QDQ form).
     ``model`` (the exported one) says how a batch becomes the file's named inputs, e.g.
     ``input_ids`` + ``attention_mask`` (:func:`slimline.export.onnx_export.onnx_feeds`)."""
     import onnxruntime as ort
 
     from slimline.export.onnx_export import onnx_feeds
+    from slimline.export.ort_contrib import reference_source
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path) if optimize else reference_source(path), options,
+                                   providers=["CPUExecutionProvider"])
     declared = [arg.name for arg in session.get_inputs()]
 
     def feed(batch: torch.Tensor) -> dict[str, np.ndarray]:

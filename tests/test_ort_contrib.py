@@ -16,7 +16,7 @@ from slimline.compress.deploy import ExportConfig, export_model
 from slimline.compress.methods import quantize
 from slimline.compress.quant.rtn import RTNConfig
 from slimline.export import check_parity
-from slimline.export.graph import load_model
+from slimline.export.graph import graph_summary, load_model
 from slimline.export.int8numerics import exact_on, first_divergence, int8_weight_ranges
 from slimline.export.ort_contrib import (
     as_qdq,
@@ -96,6 +96,10 @@ def test_every_biased_linear_becomes_one_kernel_with_its_bias(bert_files, tmp_pa
 def test_int8_tools_read_the_rewritten_file_as_its_qdq_form(bert_files):
     qdq, fused, feed, model, x = bert_files
     assert qdq_summary(fused.path).weights == qdq_summary(qdq.path).weights
+    summaries = [graph_summary(p) for p in (qdq.path, fused.path)]
+    assert summaries[0].weight_count == summaries[1].weight_count > 12 * 32 * 32
+    assert fused.metrics["dequantize_nodes"] == fused.metrics["op_counts"].get(
+        "DequantizeLinear", 0) < qdq.metrics["dequantize_nodes"]
     assert qdq.metrics["int8_weights"] == fused.metrics["int8_weights"] == 12
     ranges = {(r.weight, r.kernel, r.max_level) for r in int8_weight_ranges(fused.path)}
     assert ranges == {(r.weight, r.kernel, r.max_level) for r in int8_weight_ranges(qdq.path)}
@@ -173,6 +177,28 @@ def test_only_the_pattern_the_kernel_computes_as_written_is_rewritten():
     assert np.array_equal(before[0], _run(model.SerializeToString(), feed, optimize=False))
 
 
+def test_signed_activations_with_unsigned_weights_are_left_qdq():
+    """int8 x uint8 is the one pair onnxruntime's MatMulIntegerToFloat does not implement."""
+    model = _linear_graph()
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["zx"].CopyFrom(numpy_helper.from_array(np.int8(0), "zx"))
+    inits["w"].CopyFrom(numpy_helper.from_array(np.full((4, 3), 7, np.uint8), "w"))
+    inits["zw"].CopyFrom(numpy_helper.from_array(np.full(3, 7, np.uint8), "zw"))
+    assert fuse_matmul_bias(model) == 0
+
+
+def test_readers_inside_a_subgraph_keep_a_tensor_as_it_is():
+    model = _linear_graph()
+    body = helper.make_graph([helper.make_node("Identity", ["m1"], ["inner"])], "body", [],
+                             [helper.make_tensor_value_info("inner", TensorProto.FLOAT, [2, 3])])
+    flag = numpy_helper.from_array(np.array(True), "flag")
+    model.graph.initializer.append(flag)
+    model.graph.node.append(helper.make_node("If", ["flag"], ["branch"], then_branch=body,
+                                             else_branch=body))
+    model.graph.output.append(helper.make_tensor_value_info("branch", TensorProto.FLOAT, [2, 3]))
+    assert fuse_matmul_bias(model) == 0  # the If reads the MatMul's output
+
+
 def test_fusing_a_file_without_the_pattern_leaves_it_untouched(tmp_path):
     path = tmp_path / "float.onnx"
     model = _linear_graph()
@@ -192,3 +218,36 @@ def test_int8_ops_is_checked_where_the_recipe_sets_it():
         parse_params(ExportConfig, {"int8_ops": "onnxruntime"})
     assert parse_params(ExportConfig, {"format": "int8", "int8_ops": "onnxruntime"}).int8_ops \
         == "onnxruntime"
+
+
+def test_every_reference_run_of_a_rewritten_file_runs_its_qdq_form(bert_files, monkeypatch):
+    """Graph optimizations off must not run integer kernels (on an AVX2 CPU they would saturate
+    full-range weights): each reader hands onnxruntime the unfused QDQ form instead."""
+    from slimline.evaluation import predict_onnx
+    from slimline.export.int8_evaluation import compare_onnx_models
+    from slimline.export.int8numerics import reference_outputs
+
+    qdq, fused, feed, model, x = bert_files
+    inputs = {i.name for i in load_model(fused.path).graph.input}
+    feed = {k: v for k, v in feed.items() if k in inputs}
+    opened = []
+    real = ort.InferenceSession
+
+    def recording(source, sess_options=None, *args, **kwargs):
+        if (sess_options is not None and sess_options.graph_optimization_level
+                == ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+            proto = onnx.ModelProto()
+            if isinstance(source, bytes):
+                proto.ParseFromString(source)
+            else:
+                proto = load_model(source)
+            opened.append(has_contrib_int8(proto))
+        return real(source, sess_options, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    check_parity(model, fused.path, x, optimize=False)
+    predict_onnx(fused.path, x, optimize=False, model=model)
+    compare_onnx_models(qdq.path, fused.path, x.numpy(), int8_reference=True)
+    reference_outputs(fused.path, feed)
+    first_divergence(fused.path, feed)
+    assert len(opened) >= 5 and not any(opened)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -211,6 +212,7 @@ class NormBlock(nn.Module):
         self.residual = residual
         with torch.no_grad():
             self.norm.weight[[3, 11, 20]] = 30.0  # outlier channels, as BERT's
+            self.norm.bias.normal_()  # a fold must scale the bias too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
@@ -239,6 +241,54 @@ def test_divisor_of_a_layernorm_read_by_the_linears_alone_is_folded_into_it(resi
         assert readers == ["QuantizeLinear"]
         assert constants[norm.input[1]][3] < 30.0 and norm.input[1].endswith("_smoothed")
     assert exported.metrics["max_rel_diff"] < 0.02  # parity with PyTorch, checked by the export
+
+
+def _norm_times(factor: np.ndarray, *, in_branch: bool = False) -> onnx.ModelProto:
+    """x (2, 4) -> LayerNormalization -> Mul(factor) -> y, optionally read inside an If too."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([1.0, 2.0, 3.0, 4.0], np.float32), "g"),
+             numpy_helper.from_array(np.array([0.5, -1.0, 0.0, 2.0], np.float32), "b"),
+             numpy_helper.from_array(factor.astype(np.float32), "c")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1),
+             helper.make_node("Mul", ["n", "c"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if in_branch:
+        body = helper.make_graph([helper.make_node("Identity", ["n"], ["inner"])], "body", [],
+                                 [helper.make_tensor_value_info("inner", TensorProto.FLOAT, None)])
+        inits.append(numpy_helper.from_array(np.array(True), "flag"))
+        nodes.append(helper.make_node("If", ["flag"], ["branch"], then_branch=body,
+                                      else_branch=body))
+        outputs.append(helper.make_tensor_value_info("branch", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [2, 4])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("factor, in_branch, folds", [
+    (np.array([0.5, -2.0, 0.0, 3.0]), False, True),  # per channel: folded, exactly
+    (np.array(4.0), False, True),  # one value
+    (np.ones((1, 1, 4)), False, False),  # broadcasts (2, 4) to (1, 2, 4): a shape, not a scale
+    (np.array([0.5, -2.0, 0.0, 3.0]), True, False),  # an If reads the LayerNorm's output
+], ids=["per-channel", "scalar", "higher-rank", "read-in-subgraph"])
+def test_layernorm_fold_keeps_every_value_and_shape(factor, in_branch, folds):
+    ort = pytest.importorskip("onnxruntime")
+    from slimline.export.graph_rewrites import fold_scale_into_layernorm
+
+    model = _norm_times(factor, in_branch=in_branch)
+    x = {"x": np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)}
+
+    def run(m: onnx.ModelProto) -> list[np.ndarray]:
+        return ort.InferenceSession(m.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, x)
+
+    before = run(model)
+    assert fold_scale_into_layernorm(model) == int(folds)
+    after = run(model)
+    assert [a.shape for a in after] == [b.shape for b in before]
+    for a, b in zip(after, before):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert (not any(n.op_type == "Mul" for n in model.graph.node)) == folds
 
 
 def test_recipe_option_reaches_the_quantizer():

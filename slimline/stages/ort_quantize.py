@@ -54,7 +54,9 @@ def ort_quantize_stage(ctx: StageContext, inputs: list[Artifact], p: OrtQuantize
         "reference": f"{producer} (fp32 ONNX)",  # what its fidelity figures compare against
         "target": ctx.target.name,
     }
-    if ctx.data.task == "embedding":  # an argmax of an embedding is no class: cosine says it
+    embedding = (ctx.data.task == "embedding"
+                 or getattr(source.model, "output_kind", None) == "embedding")
+    if embedding:  # an argmax of an embedding is no class: its cosine says how close it is
         out.metrics.pop("agreement")
         out.metrics.pop("top1_agreement")
     if not out.metrics.pop("exact_here"):
