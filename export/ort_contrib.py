@@ -87,9 +87,10 @@ def fuse_matmul_bias(model: onnx.ModelProto) -> int:
                     and dq.output[0] not in g.captured):
                 g.remove_node(dq)
         fused += 1
-    g.drop_unused_initializers()  # and the shapes recorded for the removed intermediates
-    if fused and not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    if fused:
+        g.drop_unused_initializers()  # and the shapes recorded for the removed intermediates
+        if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     return fused
 
 

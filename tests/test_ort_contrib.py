@@ -251,3 +251,16 @@ def test_every_reference_run_of_a_rewritten_file_runs_its_qdq_form(bert_files, m
     reference_outputs(fused.path, feed)
     first_divergence(fused.path, feed)
     assert len(opened) >= 5 and not any(opened)
+
+
+def test_profiler_points_at_int8_ops_when_biases_run_outside_the_kernel(bert_files):
+    from slimline.export.int8check import int8_warnings, unfused_qdq
+    from slimline.export.machine import machine_info
+
+    qdq, fused, *_ = bert_files
+    # q, k and v of both layers: their biases are read by no LayerNorm/GELU fusion
+    assert unfused_qdq(qdq.path).separate_bias_adds == 6
+    assert unfused_qdq(fused.path).separate_bias_adds == 0
+    hints = [w for w in int8_warnings(qdq.path, machine=machine_info()) if "int8_ops" in w]
+    assert len(hints) == 1 and "6 integer MatMuls" in hints[0]
+    assert not [w for w in int8_warnings(fused.path, machine=machine_info()) if "int8_ops" in w]
