@@ -170,6 +170,10 @@ def test_rtn_int8_export_matches_pytorch_on_user_models(name, tmp_path):
     assert "not quantized" in metrics["float_matmuls"]
     if name == "torch-encoder":  # MultiheadAttention bypasses out_proj's forward: left float
         assert not any("out_proj" in n for n in quantizable_modules(model))
+        # fx keeps nn.TransformerEncoder whole; its FFN Linears still get int8 inputs, so they
+        # run as integer kernels (input Linear + 2 layers x linear1/linear2), not as float
+        # MatMuls on dequantized weights
+        assert metrics["ort_int8_ops"]["com.microsoft.MatMulIntegerToFloat"] == 5
 
 
 @pytest.mark.parametrize("config", [DataFreeConfig(), DFQConfig(), UDFCConfig()],

@@ -264,3 +264,25 @@ def test_profiler_points_at_int8_ops_when_biases_run_outside_the_kernel(bert_fil
     hints = [w for w in int8_warnings(qdq.path, machine=machine_info()) if "int8_ops" in w]
     assert len(hints) == 1 and "6 integer MatMuls" in hints[0]
     assert not [w for w in int8_warnings(fused.path, machine=machine_info()) if "int8_ops" in w]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "vit", "torch-encoder"])
+def test_other_user_models_export_with_onnxruntime_ops(name, tmp_path):
+    """GPT-2 (Conv1D layers made Linears), HF ViT and torch's TransformerEncoder: every Linear
+    with a bias and int8 weights becomes one kernel, and the file computes what the QDQ one does."""
+    from slimline.export.onnx_export import onnx_feeds
+
+    model, spec = build(name)
+    data = dataset(spec)
+    quantize(model, RTNConfig(), data=data, example_input=data.x_train[:1], input_spec=spec)
+    files = {ops: export_model(model, data.x_train[:1], tmp_path / f"{ops}.onnx",
+                               ExportConfig(format="int8", int8_ops=ops),
+                               parity_inputs=data.x_test)
+             for ops in ("qdq", "onnxruntime")}
+    fused = files["onnxruntime"].metrics
+    assert fused["contrib_matmuls"] >= 4
+    assert fused["op_counts"]["com.microsoft.MatMulIntegerToFloat"] == fused["contrib_matmuls"]
+    names = [i.name for i in load_model(files["qdq"].path).graph.input]
+    feed = onnx_feeds(model, data.x_test, names)
+    a, b = (_run(str(f.path), feed) for f in files.values())
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()

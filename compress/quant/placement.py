@@ -92,6 +92,17 @@ def plan_activation_points(
             output = TensorPoint(str(end.target), "output")
             points.setdefault(output.key, output)
     missing = wanted - set(module_inputs)
+    # fx keeps torch.nn's own containers (nn.TransformerEncoder, ...) as leaves, so their
+    # Linears never show up as calls: they get input points of their own, observed at run time
+    # (a bypassed one, e.g. MultiheadAttention's out_proj, is simply never observed).
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    for name in sorted(m for m in missing if any(m.startswith(f"{c}.") for c in called)):
+        point = TensorPoint(name, "input")
+        module_inputs[name] = points.setdefault(point.key, point)
+        if isinstance(modules[name], _CONVS):
+            output = TensorPoint(name, "output")
+            points.setdefault(output.key, output)
+    missing = wanted - set(module_inputs)
     if missing:  # defined but never called in forward: nothing to quantize at run time
         log.info("modules never called in forward: %s", ", ".join(sorted(missing)))
     return ActivationPlan(list(points.values()), module_inputs, traced=True)
