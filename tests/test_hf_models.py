@@ -176,6 +176,37 @@ def test_rtn_int8_export_matches_pytorch_on_user_models(name, tmp_path):
         assert metrics["ort_int8_ops"]["com.microsoft.MatMulIntegerToFloat"] == 5
 
 
+class PaddedEncoder(torch.nn.Module):
+    """torch's TransformerEncoder as built by default (nested tensors on) with a padding mask:
+    in eval it hands its layers NestedTensors."""
+
+    def __init__(self, features: int = 8, width: int = 32, classes: int = 10):
+        super().__init__()
+        self.inp = torch.nn.Linear(features, width)
+        layer = torch.nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0,
+                                                 batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, 2)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        pad[:, -3:] = True
+        return self.head(self.enc(self.inp(x), src_key_padding_mask=pad).mean(1))
+
+
+def test_padded_torch_encoder_with_nested_tensors_quantizes_and_exports_int8(tmp_path):
+    torch.manual_seed(0)
+    model = PaddedEncoder().eval()
+    spec = USER_MODELS["torch-encoder"][1]
+    data = dataset(spec)
+    quantize(model, RTNConfig(), data=data, example_input=data.x_train[:1], input_spec=spec)
+    assert not model.enc.use_nested_tensor  # NestedTensors have no int8 grid, nor ONNX form
+    exported = export_model(model, data.x_train[:1], tmp_path / "int8.onnx",
+                            ExportConfig(format="int8"), parity_inputs=data.x_test)
+    assert exported.metrics["top1_agreement"] >= 0.98
+    assert exported.metrics["ort_int8_ops"]["com.microsoft.MatMulIntegerToFloat"] == 5
+
+
 @pytest.mark.parametrize("config", [DataFreeConfig(), DFQConfig(), UDFCConfig()],
                          ids=["datafree", "dfq", "udfc"])
 def test_batchnorm_data_free_quantizers_refuse_transformers_with_the_alternative(config):

@@ -286,3 +286,20 @@ def test_other_user_models_export_with_onnxruntime_ops(name, tmp_path):
     feed = onnx_feeds(model, data.x_test, names)
     a, b = (_run(str(f.path), feed) for f in files.values())
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+
+
+def test_bias_hint_counts_only_what_the_rewrite_would_fuse():
+    from slimline.export.int8check import _separate_bias_adds
+
+    inits = [numpy_helper.from_array(np.ones((4, 3), np.int8), "w"),
+             numpy_helper.from_array(np.ones(3, np.float32), "b"),
+             numpy_helper.from_array(np.ones(1, np.float32), "one")]
+    nodes = []
+    for i, addend in enumerate(("b", "one", "b")):
+        nodes += [helper.make_node("MatMulIntegerToFloat", ["xq", "w", "s", "s"], [f"m{i}"],
+                                   domain="com.microsoft"),
+                  helper.make_node("Add", [f"m{i}", addend], [f"y{i}"])]
+    outputs = ["y0", "y1", "y2", "m2"]  # m2 is read outside the graph too: not fusable
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info(
+        n, TensorProto.FLOAT, None) for n in outputs], inits)
+    assert _separate_bias_adds(graph) == 1  # only y0: a (3,) float bias of an unshared MatMul

@@ -147,7 +147,7 @@ def quantize_datafree(
         report["absorbed"] = dfq.absorb_high_biases(model, chains, stats)
 
     every, targets = quantization_targets(model, skip)
-    plan = plan_activation_points(model, targets)
+    plan = plan_activation_points(model, targets, inside_leaves=False)  # no run time
     node_stats = propagate_stats(model, stats, sigmas=range_sigmas, input_std=input_std)
     float_weights = {name: module.weight.detach().clone() for name, module in targets.items()}
     bits = {

@@ -49,13 +49,16 @@ class ActivationPlan:
 
 
 def plan_activation_points(
-    model: nn.Module, quantized: Iterable[str], own_input: Iterable[str] = ()
+    model: nn.Module, quantized: Iterable[str], own_input: Iterable[str] = (),
+    *, inside_leaves: bool = True,
 ) -> ActivationPlan:
     """Activation points for a model whose modules ``quantized`` (names) get int8 weights.
 
     Modules in ``own_input`` always get an input point of their own, never the producer's
     output point: a smoothed Linear's input is divided by its own ``s`` before it is quantized,
-    which its producer's other consumers must not see.
+    which its producer's other consumers must not see. ``inside_leaves``: modules inside a
+    torch.nn container fx does not trace into get input points too (observed at run time;
+    a data-free quantizer, which has no run time, leaves them out).
     """
     quantized = list(quantized)
     own_input = set(own_input)
@@ -94,8 +97,8 @@ def plan_activation_points(
     missing = wanted - set(module_inputs)
     # fx keeps torch.nn's own containers (nn.TransformerEncoder, ...) as leaves, so their
     # Linears never show up as calls: they get input points of their own, observed at run time
-    # (a bypassed one, e.g. MultiheadAttention's out_proj, is simply never observed).
-    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    # (one whose hooks never fire stays unobserved, and the quantizer drops its point).
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"} if inside_leaves else ()
     for name in sorted(m for m in missing if any(m.startswith(f"{c}.") for c in called)):
         point = TensorPoint(name, "input")
         module_inputs[name] = points.setdefault(point.key, point)

@@ -148,6 +148,7 @@ def quantize_rtn(
     if activation_bits != 8:
         raise ValueError(f"activation_bits must be 8 (int8 kernels), got {activation_bits}")
     model.eval()
+    _no_nested_tensors(model)
     folded = fold_batchnorm(model) if fold_bn else []
     every, targets = quantization_targets(model, skip)
     bits = {name: layer_weight_bits(m, weight_bits, target) for name, m in targets.items()}
@@ -214,6 +215,16 @@ def quantize_rtn(
         plan=plan,
         unobserved=unobserved,
     )
+
+
+def _no_nested_tensors(model: nn.Module) -> None:
+    """Turn off nn.TransformerEncoder's nested-tensor path: it hands its layers NestedTensors
+    (which no observer or fake-quant grid takes, and ONNX has no form of), and a quantized
+    model's hooks keep it off its fused fast path anyway. Valid positions compute the same;
+    padded ones are computed instead of zeroed."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and module.use_nested_tensor:
+            module.use_nested_tensor = False
 
 
 def _smoothable(model: nn.Module, targets: dict[str, nn.Module],
