@@ -219,7 +219,6 @@ def _export_int8(model: nn.Module, example_input: torch.Tensor, path: Path, p: E
     """Write the int8 QDQ file; the int8-specific metrics."""
     from slimline.compress.quant import QDQExportError, export_qdq_onnx
     from slimline.compress.quant.state import quantization_of
-    from slimline.export.ort_contrib import fuse_matmul_bias_file
     from slimline.export.qdq_inspect import (
         FLOAT_KERNEL_OPS,
         INT8_KERNEL_OPS,
@@ -236,11 +235,11 @@ def _export_int8(model: nn.Module, example_input: torch.Tensor, path: Path, p: E
         )
     try:
         _, report = export_qdq_onnx(model, example_input, path, opset=p.opset,
-                                    dynamic_batch=p.dynamic_batch, target=target)
+                                    dynamic_batch=p.dynamic_batch, target=target,
+                                    int8_ops=p.int8_ops)
     except QDQExportError as exc:
         path.unlink(missing_ok=True)
         raise MethodError(str(exc)) from None
-    contrib = fuse_matmul_bias_file(path) if p.int8_ops == "onnxruntime" else 0
     qdq = qdq_summary(path)
     runtime_ops = ort_optimized_op_counts(path)
     bits = state.info.get("weight_bits")
@@ -261,7 +260,7 @@ def _export_int8(model: nn.Module, example_input: torch.Tensor, path: Path, p: E
         "int8_ops": p.int8_ops,
     }
     if p.int8_ops == "onnxruntime":
-        metrics["contrib_matmuls"] = contrib  # MatMul + bias as one MatMulIntegerToFloat
+        metrics["contrib_matmuls"] = report["contrib_matmuls"]  # MatMul + bias as one op
     float_matmuls = metrics["ort_float_ops"].get("MatMul", 0)
     if float_matmuls:
         # Transformers: QK^T and probs.V multiply two activations; only weight layers carry

@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from .feeds import pad_id_of, sample_feeds
 from .graph import OnnxFileError, graph_summary
-from .ort_contrib import reference_source
+from .ort_contrib import session_source
 from .ort_quant import OrtQuantizeConfig, first_error_line
 
 __all__ = ["QuantEvaluation", "compare_onnx_models", "quantization_report", "row_cosines"]
@@ -160,7 +160,7 @@ def _predict(path: Path, inputs: np.ndarray, batch_size: int, optimize: bool = T
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(
-            str(path) if optimize else reference_source(path), sess_options=options,
+            session_source(path, optimize=optimize), sess_options=options,
             providers=["CPUExecutionProvider"],
         )
     except Exception as exc:

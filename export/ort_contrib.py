@@ -34,7 +34,7 @@ __all__ = [
     "fuse_matmul_bias",
     "fuse_matmul_bias_file",
     "has_contrib_int8",
-    "reference_source",
+    "session_source",
     "unfuse_matmul_bias",
 ]
 
@@ -205,9 +205,12 @@ def fuse_matmul_bias_file(path: str | os.PathLike) -> int:
     return fused
 
 
-def reference_source(path: str | os.PathLike) -> str | bytes:
-    """What to hand ``onnxruntime.InferenceSession`` for the reference run (graph optimizations
-    off) of the file at ``path``: the path itself, or the serialized :func:`as_qdq` form when
-    the file holds contrib int8 nodes (their kernels would run integer products even there)."""
+def session_source(path: str | os.PathLike, *, optimize: bool) -> str | bytes:
+    """What to hand ``onnxruntime.InferenceSession`` for the file at ``path``: the path itself,
+    except for the reference run (``optimize=False``: graph optimizations off) of a file with
+    contrib int8 nodes, whose kernels would run integer products even there: then the
+    serialized :func:`as_qdq` form."""
+    if optimize:
+        return str(path)
     model = load_model(path)
     return str(path) if not has_contrib_int8(model) else as_qdq(model).SerializeToString()

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .export_errors import eval_mode
 from .onnx_export import onnx_feeds, onnx_inputs_of
-from .ort_contrib import reference_source
+from .ort_contrib import session_source
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def check_parity(
     ``optimize=False`` runs the file without graph optimizations: an int8 QDQ file then executes
     its QuantizeLinear/DequantizeLinear as written around float ops (its reference semantics)
     instead of this CPU's fused integer kernels (a file with onnxruntime's int8 contrib ops runs
-    as its QDQ equivalent: :func:`~slimline.export.ort_contrib.reference_source`).
+    as its QDQ equivalent: :func:`~slimline.export.ort_contrib.session_source`).
     """
     import onnxruntime as ort  # deferred: importing onnxruntime costs ~0.3 s
 
@@ -81,7 +81,7 @@ def check_parity(
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(
-        str(onnx_path) if optimize else reference_source(onnx_path), sess_options=options,
+        session_source(onnx_path, optimize=optimize), sess_options=options,
         providers=["CPUExecutionProvider"],
     )
     from .int8_evaluation import row_cosines

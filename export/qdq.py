@@ -298,11 +298,17 @@ def write_qdq(
     path: str | os.PathLike,
     *,
     metadata: Mapping[str, str] | None = None,
+    fuse_bias: bool = False,
 ) -> dict[str, Any]:
-    """Load a traced QDQ model, :func:`finalize_qdq` it, add ``metadata`` to its
-    ``metadata_props``, check it and write it atomically."""
+    """Load a traced QDQ model, :func:`finalize_qdq` it (then, with ``fuse_bias``,
+    :func:`~slimline.export.ort_contrib.fuse_matmul_bias`: ``contrib_matmuls`` in the report),
+    add ``metadata`` to its ``metadata_props``, check it and write it atomically."""
     model = load_model(traced_path)
     report = finalize_qdq(model)
+    if fuse_bias:
+        from .ort_contrib import fuse_matmul_bias  # it imports this module
+
+        report["contrib_matmuls"] = fuse_matmul_bias(model)
     if metadata:
         helper.set_model_props(model, {**_props(model), **metadata})
     onnx.checker.check_model(model)

@@ -34,13 +34,13 @@ def predict_onnx(path: str | Path, inputs: torch.Tensor, batch_size: int = 256, 
     import onnxruntime as ort
 
     from slimline.export.onnx_export import onnx_feeds
-    from slimline.export.ort_contrib import reference_source
+    from slimline.export.ort_contrib import session_source
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path) if optimize else reference_source(path), options,
+    session = ort.InferenceSession(session_source(path, optimize=optimize), options,
                                    providers=["CPUExecutionProvider"])
     declared = [arg.name for arg in session.get_inputs()]
 

@@ -77,6 +77,7 @@ def export_qdq_onnx(
     dynamic_batch: bool = True,
     state: QuantState | None = None,
     target: Target | str | None = None,
+    int8_ops: str = "qdq",
 ) -> tuple[Path, dict[str, Any]]:
     """Export ``model`` (with quantization attached, or ``state``) as an int8 QDQ ONNX file.
 
@@ -86,8 +87,10 @@ def export_qdq_onnx(
     target and its scheme in its metadata (``slimline.int8_target``, ``slimline.int8_scheme``).
 
     Weights with at most 8 bits are stored as int8/uint8 initializers (a 4-bit weight keeps its
-    16-level grid inside int8), biases of quantized layers as int32. Returns the path and the
-    rewrite report of :func:`slimline.export.qdq.finalize_qdq`.
+    16-level grid inside int8), biases of quantized layers as int32. ``int8_ops="onnxruntime"``
+    writes each MatMul + bias as onnxruntime's MatMulIntegerToFloat
+    (:mod:`slimline.export.ort_contrib`). Returns the path and the rewrite report of
+    :func:`slimline.export.qdq.finalize_qdq` (with ``contrib_matmuls``).
 
     Raises:
         QDQExportError: no quantization state, parameters off their grid, weights the target
@@ -151,7 +154,8 @@ def export_qdq_onnx(
             "slimline.int8_scheme": json.dumps(resolved.scheme.to_dict(), sort_keys=True),
         }
         try:
-            report = write_qdq(raw, destination, metadata=metadata)
+            report = write_qdq(raw, destination, metadata=metadata,
+                               fuse_bias=int8_ops == "onnxruntime")
         except QDQError as exc:
             raise QDQExportError(f"int8 QDQ rewrite failed: {exc}") from exc
         mismatches = scale_mismatches(qdq_summary(destination), state)

@@ -223,7 +223,7 @@ def _no_nested_tensors(model: nn.Module) -> None:
     model's hooks keep it off its fused fast path anyway. Valid positions compute the same;
     padded ones are computed instead of zeroed."""
     for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder) and module.use_nested_tensor:
+        if isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
 
 
